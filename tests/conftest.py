@@ -1,0 +1,52 @@
+"""Shared fixtures: the tiny model (built once into the git-ignored cache) and a shrunk config."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    from training.config import compose_config
+    from training.model import model_path
+
+    return Path(model_path(compose_config().model))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_path):
+    from training.model import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_path))
+
+
+def make_cfg(loss: str = "dpo", lora: bool = False, **values):
+    """The default config, shrunk for tests; `values` are dotted keys."""
+    from training.config import compose_config
+
+    base = {
+        "output_dir": "unset",
+        "train.epochs": 2,
+        "train.threads": 2,
+        "train.plot": True,
+        "model.lora.enabled": lora,
+    }
+    base.update(values)
+    return compose_config(loss=loss, values=base)
+
+
+@pytest.fixture
+def toy():
+    from tools.toy_data import toy_records
+
+    return toy_records

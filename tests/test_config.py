@@ -1,0 +1,53 @@
+"""Config composition: every model x loss composes; required values fail fast."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from training.config import available, compose_config
+
+
+@pytest.mark.parametrize("model", available("model"))
+@pytest.mark.parametrize("loss", available("loss"))
+def test_every_model_and_loss_composes(model, loss):
+    cfg = compose_config(model=model, loss=loss)
+    assert cfg.model.name_or_path
+    assert cfg.loss.name in ("dpo", "ipo", "hinge", "sft", "dpo_sft")
+    assert OmegaConf.missing_keys(cfg) == {"output_dir"}
+
+
+def test_production_models_are_listed():
+    assert {"tiny", "zephyr-7b", "qwen2.5-0.5b", "pythia-2.8b"} <= set(available("model"))
+    assert compose_config(model="zephyr-7b").model.lora.enabled is True
+
+
+def test_unknown_group_option_and_key_are_rejected():
+    with pytest.raises(ValueError, match="model: expected one of"):
+        compose_config(model="../../etc/passwd")
+    with pytest.raises(KeyError, match="unknown config key 'train.nope'"):
+        compose_config(values={"train.nope": 1})
+
+
+def test_missing_output_dir_fails_fast_in_the_facade():
+    from training import run_training
+
+    with pytest.raises(ValueError, match="required but missing: output_dir"):
+        run_training(compose_config(), [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+
+
+def test_values_are_not_interpolated_hydra_overrides():
+    cfg = compose_config(values={"train.learning_rate": 1e-3})
+    assert cfg.train.learning_rate == 1e-3
+
+
+def test_cli_requires_a_data_path_and_output_dir(tmp_path):
+    import subprocess
+    import sys
+
+    from training.config import REPO_ROOT
+
+    out = subprocess.run([sys.executable, "-m", "training"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "data.path is required" in out.stdout
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    out = subprocess.run([sys.executable, "-m", "training", f"data.path={data}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "output_dir" in out.stdout + out.stderr

@@ -1,0 +1,100 @@
+"""The three record formats normalise to pairs; bad records name their index and field."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from training.records import RecordError, load_records_file, normalise_record, normalise_records
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pairs_format():
+    (pair,) = normalise_record({"prompt": "Q?", "chosen": "good", "rejected": "bad"})
+    assert (pair.prompt, pair.chosen, pair.rejected, pair.messages) == ("Q?", "good", "bad", None)
+
+
+def test_ranked_format_expands_every_comparison():
+    record = {"prompt": "2+3?", "responses": ["5", "6", "no"], "pairs": [[0, 1], [0, 2], [1, 2]], "sft_target": "5"}
+    pairs = normalise_record(record)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("5", "6"), ("5", "no"), ("6", "no")]
+    assert all(p.prompt == "2+3?" for p in pairs)
+
+
+def test_chat_format_keeps_the_conversation():
+    record = {
+        "input": {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]},
+        "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+        "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
+    }
+    (pair,) = normalise_record(record)
+    assert pair.messages == (("system", "Be kind."), ("user", "Hi")) and pair.prompt is None
+    assert (pair.chosen, pair.rejected) == ("Hello!", "Go away.")
+
+
+def test_sample_file_matches_the_schema_and_normalises():
+    schema = json.loads((REPO / "datasets/preference_record.schema.json").read_text())
+    records = load_records_file(str(REPO / "datasets/sample.jsonl"))
+    for record in records:
+        jsonschema.validate(record, schema)
+    pairs, errors = normalise_records(records)
+    assert len(pairs) == 1 + 3 + 1 and errors == []
+
+
+@pytest.mark.parametrize(
+    "record, field, message",
+    [
+        ({"prompt": "p", "chosen": "a"}, "rejected", "is required"),
+        ({"prompt": "p", "chosen": 3, "rejected": "b"}, "chosen", "expected a string, got int"),
+        ({"prompt": " ", "chosen": "a", "rejected": "b"}, "prompt", "must not be empty"),
+        ({"prompt": "p", "chosen": "a", "rejected": "a"}, "rejected", "identical"),
+        ({"prompt": "p", "responses": ["a"], "pairs": [[0, 0]]}, "responses", "at least 2"),
+        ({"prompt": "p", "responses": ["a", "b"], "pairs": [[0, 2]]}, "pairs[0]", "index 2 out of range"),
+        ({"prompt": "p", "responses": ["a", "b"], "pairs": [[0, "1"]]}, "pairs[0]", "two integers"),
+        ({"prompt": "p", "responses": ["a", 7], "pairs": [[0, 1]]}, "responses[1]", "non-empty string"),
+        ({"input": {"messages": []}, "preferred_output": [], "non_preferred_output": []}, "input.messages", "non-empty"),
+        (
+            {"input": {"messages": [{"role": "wizard", "content": "x"}]}, "preferred_output": [], "non_preferred_output": []},
+            "input.messages[0].role",
+            "expected one of",
+        ),
+        (
+            {
+                "input": {"messages": [{"role": "user", "content": "x"}]},
+                "preferred_output": [{"role": "user", "content": "y"}],
+                "non_preferred_output": [{"role": "assistant", "content": "z"}],
+            },
+            "preferred_output[0].role",
+            "expected 'assistant'",
+        ),
+        ("just a string", "<record>", "expected an object"),
+        ({"question": "p", "answer": "a"}, "<record>", "unrecognised format"),
+    ],
+)
+def test_bad_records_name_index_and_field(record, field, message):
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    with pytest.raises(RecordError) as info:
+        normalise_records([good, good, record])
+    err = info.value
+    assert err.record == 2 and err.field == field and message in err.message
+    assert str(err).startswith(f"record 2: field '{field}'")
+
+
+def test_skip_invalid_keeps_the_good_ones_and_reports_the_bad():
+    records = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p"}, {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    pairs, errors = normalise_records(records, ids=["doc-a", "doc-b", "doc-c"], skip_invalid=True)
+    assert len(pairs) == 2 and [e.record for e in errors] == ["doc-b"]
+
+
+def test_empty_dataset_is_an_error():
+    with pytest.raises(RecordError, match="no usable preference records"):
+        normalise_records([])
+
+
+def test_jsonl_line_errors_name_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{not json\n')
+    with pytest.raises(RecordError, match="record line 2"):
+        load_records_file(str(path))

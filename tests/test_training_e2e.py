@@ -1,0 +1,164 @@
+"""Real training of the tiny model on the toy set: learning, artifacts, reload, small data, cancel."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import make_cfg
+from training import TrainingCancelled, run_training
+from training.batching import collate
+from training.config import REPO_ROOT
+from training.logprobs import model_logps
+from training.records import normalise_records
+from training.tokenize import tokenize_pairs
+
+
+def logps_of(model, tokenizer, records):
+    pairs, _ = normalise_records(records)
+    batch = collate(tokenize_pairs(tokenizer, pairs, 128, 64, "keep_end"), tokenizer.pad_token_id)
+    with torch.no_grad():
+        chosen, rejected, _ = model_logps(model.eval(), batch)
+    return torch.cat([chosen, rejected])
+
+
+@pytest.mark.parametrize("fmt", ["pairs", "ranked", "chat"])
+def test_full_finetune_learns_the_toy_rule(tmp_path, toy, fmt):
+    events = []
+    result = run_training(make_cfg(), toy(200, fmt), tmp_path / "out", on_progress=events.append)
+    metrics = result.metrics
+    first = metrics["history"][0]
+    assert abs(first["loss"] - math.log(2)) < 1e-3, first
+    assert metrics["final_eval"]["eval/rewards/accuracies"] >= 0.9, metrics["final_eval"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s"):
+        assert key in first
+    steps = [e for e in events if e["kind"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, metrics["total_steps"] + 1))
+    assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json", "training_config.yaml", "training_curves.png"} <= set(result.files)
+    saved = json.loads((result.output_dir / "metrics.json").read_text())
+    assert saved["final_eval"] == metrics["final_eval"] and saved["dataset"]["records"] == 200
+
+
+@pytest.fixture
+def trained_policy(monkeypatch):
+    """Captures the in-memory policy at save time, to compare with what reloads from disk."""
+    import training.facade as facade
+
+    captured = {}
+    real_save = facade.save_run
+
+    def spy(out, policy, *args):
+        captured["policy"] = policy
+        return real_save(out, policy, *args)
+
+    monkeypatch.setattr(facade, "save_run", spy)
+    return captured
+
+
+def test_saved_full_model_reloads_with_identical_logps(tmp_path, toy, trained_policy):
+    result = run_training(make_cfg(**{"train.epochs": 1}), toy(40), tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(result.output_dir)
+    records = toy(4, seed=5)
+    want = logps_of(trained_policy["policy"], tokenizer, records)
+    torch.testing.assert_close(logps_of(model, tokenizer, records), want, atol=1e-5, rtol=0)
+    base = AutoModelForCausalLM.from_pretrained(result.metrics["model"]["name_or_path"])
+    assert not torch.allclose(logps_of(base, tokenizer, records), want)
+
+
+def test_lora_learns_and_the_adapter_reloads_with_peft(tmp_path, toy, trained_policy):
+    from peft import PeftModel
+
+    cfg = make_cfg(lora=True, **{"train.learning_rate": 3e-3, "train.epochs": 3})
+    result = run_training(cfg, toy(200), tmp_path / "out")
+    assert abs(result.metrics["history"][0]["loss"] - math.log(2)) < 1e-3
+    assert result.metrics["final_eval"]["eval/rewards/accuracies"] >= 0.9, result.metrics["final_eval"]
+    assert "adapter_model.safetensors" in result.files and "model.safetensors" not in result.files
+    base = AutoModelForCausalLM.from_pretrained(result.metrics["model"]["name_or_path"])
+    reloaded = PeftModel.from_pretrained(base, result.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(result.output_dir)
+    records = toy(4, seed=5)
+    want = logps_of(trained_policy["policy"], tokenizer, records)
+    torch.testing.assert_close(logps_of(reloaded, tokenizer, records), want, atol=1e-5, rtol=0)
+
+
+def test_live_reference_copy_matches_precompute(tmp_path, toy):
+    records = toy(24)
+    a = run_training(make_cfg(**{"train.reference": "precompute", "train.epochs": 1}), records, tmp_path / "a")
+    b = run_training(make_cfg(**{"train.reference": "live", "train.epochs": 1}), records, tmp_path / "b")
+    for ha, hb in zip(a.metrics["history"], b.metrics["history"], strict=True):
+        assert ha["loss"] == pytest.approx(hb["loss"], abs=1e-5)
+
+
+def test_runs_are_deterministic(tmp_path, toy):
+    cfg = make_cfg(**{"train.epochs": 1})
+    a = run_training(cfg, toy(32), tmp_path / "a").metrics
+    b = run_training(cfg, toy(32), tmp_path / "b").metrics
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_dataset_smaller_than_a_batch_trains_on_what_it_has(tmp_path, toy, n):
+    result = run_training(make_cfg(**{"train.batch_size": 8}), toy(n), tmp_path / "out")
+    assert result.metrics["steps"] == 2  # one (partial) batch per epoch, 2 epochs
+    if n == 1:
+        assert result.metrics["final_eval"] == {}  # nothing left to hold out: no eval on training data
+    else:
+        assert result.metrics["final_eval"]["eval/rewards/accuracies"] in (0.0, 1.0)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, toy):
+    records = toy(16)
+    a = run_training(make_cfg(**{"train.epochs": 1, "train.batch_size": 8}), records, tmp_path / "a").metrics
+    b = run_training(make_cfg(**{"train.epochs": 1, "train.batch_size": 8, "train.micro_batch_size": 3}), records, tmp_path / "b").metrics
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        assert ha["loss"] == pytest.approx(hb["loss"], abs=1e-5)
+        assert ha["grad_norm"] == pytest.approx(hb["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["cdpo", "ipo", "hinge", "dpo_reffree", "sft", "dpo_sft"])
+def test_every_loss_trains(tmp_path, toy, loss):
+    result = run_training(make_cfg(loss=loss, **{"train.epochs": 1}), toy(24), tmp_path / "out")
+    assert all(math.isfinite(h["loss"]) for h in result.metrics["history"])
+
+
+def test_rmsprop_and_cosine(tmp_path, toy):
+    cfg = make_cfg(**{"train.optimizer": "rmsprop", "train.scheduler": "cosine", "train.learning_rate": 1e-4, "train.epochs": 1})
+    result = run_training(cfg, toy(24), tmp_path / "out")
+    assert result.metrics["steps"] == 3
+
+
+def test_cancel_stops_at_a_step_boundary_and_writes_nothing(tmp_path, toy):
+    seen = []
+    out = tmp_path / "out"
+    with pytest.raises(TrainingCancelled, match="before step 3"):
+        run_training(make_cfg(), toy(64), out, on_progress=seen.append, should_stop=lambda: len(seen) >= 2)
+    assert not out.exists()
+
+
+def test_bad_record_fails_before_loading_a_model(tmp_path):
+    from training import RecordError
+
+    with pytest.raises(RecordError, match="record 1: field 'chosen'"):
+        run_training(make_cfg(), [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "rejected": "b"}], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_cli_toy_train_prints_accuracy_and_artifact(tmp_path):
+    from tools.toy_data import toy_records, write_jsonl
+
+    data = write_jsonl(toy_records(256, "pairs"), tmp_path / "pairs.jsonl")
+    out = subprocess.run(
+        [sys.executable, "-m", "training", f"data.path={data}", f"output_dir={tmp_path / 'run'}", "train.threads=2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    accuracy = float(out.stdout.split("held-out reward accuracy: ")[1].split()[0])
+    assert accuracy >= 0.9
+    assert f"artifact: {tmp_path / 'run'}" in out.stdout
+    assert (tmp_path / "run" / "model.safetensors").exists()

@@ -1,0 +1,43 @@
+"""CLI: python -m training data.path=FILE output_dir=DIR [model=tiny loss=ipo train.epochs=1 ...]
+
+Hydra appears only here; it composes config/cli.yaml and calls the same run_training the service uses.
+Progress goes to stdout as JSON lines (prefix "@progress ") so a parent process can follow it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from training.config import CONFIG_DIR, resolve_path
+from training.facade import run_training
+from training.records import RecordError, load_records_file
+
+
+def _emit(kind: str, payload: dict) -> None:
+    print(f"@{kind} " + json.dumps(payload), flush=True)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="cli", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if not cfg.data.path:
+        _emit("error", {"type": "invalid_config", "message": "data.path is required: python -m training data.path=FILE output_dir=DIR"})
+        sys.exit(2)
+    try:
+        records = load_records_file(str(resolve_path(cfg.data.path)))
+        result = run_training(cfg, records, on_progress=lambda event: _emit("progress", event))
+    except RecordError as err:
+        _emit("error", {"type": "invalid_data", "message": str(err)})
+        sys.exit(2)
+    final = result.metrics.get("final_eval", {})
+    _emit("result", {"output_dir": str(result.output_dir), "files": result.files, "final_eval": final})
+    acc = final.get("eval/rewards/accuracies")
+    print(f"held-out reward accuracy: {acc if acc is None else f'{acc:.3f}'}")
+    print(f"artifact: {result.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

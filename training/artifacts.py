@@ -1,0 +1,59 @@
+"""Writing a run's outputs: weights, tokenizer, resolved config, metrics.json, a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def save_metrics(path: Path, state, extra: dict) -> dict:
+    final_eval = state.evals[-1] if state.evals else {}
+    metrics = {
+        "steps": state.step,
+        "total_steps": state.total_steps,
+        "final_train": state.history[-1] if state.history else {},
+        "final_eval": final_eval,
+        "history": state.history,
+        "evals": state.evals,
+        **extra,
+    }
+    path.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def save_plot(path: Path, history: list[dict], evals: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a server or container
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(steps, [h["loss"] for h in history], label="train")
+    ax_acc.plot(steps, [h["rewards/accuracies"] for h in history], label="train")
+    ax_acc.plot(steps, [h["rewards/margins"] for h in history], label="train margin", alpha=0.6)
+    if evals:
+        ax_loss.plot([e["step"] for e in evals], [e["eval/loss"] for e in evals], "o-", label="eval")
+        ax_acc.plot([e["step"] for e in evals], [e["eval/rewards/accuracies"] for e in evals], "o-", label="eval")
+    ax_loss.set(title="loss", xlabel="step")
+    ax_acc.set(title="reward accuracy / margin", xlabel="step")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_run(output_dir: Path, policy, tokenizer, cfg, state, extra: dict) -> dict:
+    """Everything a user needs to load and judge the result. Returns the metrics dict."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(output_dir, safe_serialization=True)  # full model, or only the LoRA adapter
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / "training_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    metrics = save_metrics(output_dir / "metrics.json", state, extra)
+    if cfg.train.plot and state.history:
+        save_plot(output_dir / "training_curves.png", state.history, state.evals)
+    return metrics

@@ -1,0 +1,57 @@
+"""Composing the Hydra config tree in config/ from code (the facade, the service, tests)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "config"
+_compose_lock = threading.Lock()  # Hydra's global state is not thread-safe
+
+
+def available(group: str) -> list[str]:
+    """Names of the options of a config group, e.g. available("model") -> ["tiny", ...]."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose_config(
+    model: str = "tiny",
+    loss: str = "dpo",
+    values: dict[str, Any] | None = None,
+    config_name: str = "config",
+) -> DictConfig:
+    """Compose config.yaml with a model and loss, then set typed values by dotted key.
+
+    Values are assigned as Python objects, never parsed as Hydra override strings, so a caller's
+    string cannot inject overrides; keys must already exist in the config.
+    """
+    from hydra import compose, initialize_config_dir
+
+    for group, name in (("model", model), ("loss", loss)):
+        if name not in available(group):
+            raise ValueError(f"{group}: expected one of {available(group)}, got {name!r}")
+    with _compose_lock, initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=[f"model={model}", f"loss={loss}"])
+    OmegaConf.set_struct(cfg, True)
+    for key, value in (values or {}).items():
+        if not has_key(cfg, key):
+            raise KeyError(f"unknown config key {key!r}")
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def has_key(cfg: DictConfig, dotted: str) -> bool:
+    """True when the dotted key exists in cfg, even if its value is still ??? (missing)."""
+    parent_key, _, leaf = dotted.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
+    return isinstance(parent, DictConfig) and leaf in parent.keys()
+
+
+def resolve_path(path: str) -> Path:
+    """Relative paths in configs are relative to the repository root, not the caller's cwd."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p

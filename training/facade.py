@@ -1,0 +1,77 @@
+"""run_training: the one entry point the CLI, the service and tests use.
+
+records (any accepted format) -> normalised pairs -> tokens -> trained policy -> files in output_dir
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from training.loop import ProgressFn, StopFn, train_policy
+from training.model import load_policy, load_tokenizer, pick_device, set_threads
+from training.records import normalise_records
+from training.tokenize import tokenize_pairs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    metrics: dict
+    files: list[str]
+
+
+def run_training(
+    cfg: DictConfig,
+    records: Sequence[Any],
+    output_dir: str | Path | None = None,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    record_ids: Sequence[str] | None = None,
+) -> TrainingResult:
+    """Train on `records` with the composed config `cfg`; write the artifact to output_dir.
+
+    Raises RecordError for bad data (before any model is loaded), TrainingCancelled when
+    should_stop() turns true (nothing is written), ValueError/KeyError for a bad config.
+    """
+    started = time.perf_counter()
+    if output_dir is not None:
+        cfg = cfg.copy()
+        OmegaConf.update(cfg, "output_dir", str(output_dir), merge=False)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"config values required but missing: {', '.join(missing)}")
+    data = cfg.data
+    pairs, skipped = normalise_records(records, ids=record_ids, skip_invalid=data.skip_invalid)
+    for err in skipped:
+        log.warning("skipped invalid record: %s", err)
+
+    set_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    device = pick_device(cfg.train.device)
+    policy, model_path = load_policy(cfg.model, device)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    examples = tokenize_pairs(tokenizer, pairs, data.max_length, data.max_prompt_length, data.truncation_mode)
+    state = train_policy(policy, examples, tokenizer.pad_token_id, cfg, on_progress, should_stop)
+
+    out = Path(cfg.output_dir)
+    extra = {
+        "dataset": {"records": len(records), "pairs": len(pairs), "skipped_records": len(skipped)},
+        "model": {"name_or_path": model_path, "lora": bool(cfg.model.lora.enabled)},
+        "wall_s": time.perf_counter() - started,
+    }
+    metrics = save_run(out, policy, tokenizer, cfg, state, extra)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    return TrainingResult(out, metrics, files)
+
+
+from training.artifacts import save_run  # noqa: E402  (kept at the bottom: matplotlib is slow to import)

@@ -1,0 +1,51 @@
+"""Per-sequence log-probabilities of the response tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from training.batching import IGNORE
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False, chunk_size: int = 1024):
+    """Sum (or mean) over response tokens of log p(token | prefix), per row.
+
+    logits (N, T, V) from the model, labels (N, T) with IGNORE outside responses. Only response
+    positions are scored, in fp32, `chunk_size` positions at a time, so a full-vocabulary fp32
+    log-softmax of the whole batch never exists. Returns (logps (N,), token counts (N,)).
+    """
+    shifted_labels = labels[:, 1:]
+    rows, cols = (shifted_labels != IGNORE).nonzero(as_tuple=True)
+    targets = shifted_labels[rows, cols]
+    token_logps = []
+    for start in range(0, rows.numel(), chunk_size):
+        r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
+        chunk = logits[r, c].float()  # (chunk, V): the position c predicts token c+1
+        picked = chunk.gather(1, targets[start : start + chunk_size, None]).squeeze(1)
+        token_logps.append(picked - torch.logsumexp(chunk, dim=-1))
+    per_token = torch.cat(token_logps) if token_logps else logits.new_zeros(0, dtype=torch.float32)
+    n = labels.shape[0]
+    # Accumulate in float64: a sequence's sum of hundreds of terms then stays exact to fp32 precision.
+    sums = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add(0, rows, per_token.double()).float()
+    counts = torch.zeros(n, dtype=torch.float32, device=logits.device).index_add(0, rows, torch.ones_like(per_token))
+    if average:
+        return sums / counts.clamp(min=1), counts
+    return sums, counts
+
+
+def naive_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """The textbook version (full log-softmax), for tests."""
+    shifted_labels = labels[:, 1:].clone()
+    mask = shifted_labels != IGNORE
+    shifted_labels[~mask] = 0
+    logp = logits[:, :-1].float().log_softmax(-1).gather(2, shifted_labels[..., None]).squeeze(2)
+    sums = (logp.double() * mask).sum(-1).float()
+    return sums / mask.sum(-1).clamp(min=1) if average else sums
+
+
+def model_logps(model, batch: dict[str, torch.Tensor], average: bool = False, chunk_size: int = 1024):
+    """One forward pass over the concatenated batch -> (chosen logps, rejected logps, chosen token counts)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps, counts = sequence_logps(logits, batch["labels"], average=average, chunk_size=chunk_size)
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:], counts[:half]

@@ -1,0 +1,242 @@
+"""The DPO training loop: setup -> (reference log-probs) -> train -> evaluate.
+
+`train_policy` is a plain function; the facade (training/facade.py) wraps it with record
+normalisation and saving, and the CLI and the service call the facade.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from training.batching import batch_tokens, collate
+from training.logprobs import model_logps
+from training.losses import preference_loss
+from training.model import Reference
+from training.tokenize import TokenizedPair
+
+ProgressFn = Callable[[dict], None]
+StopFn = Callable[[], bool]
+
+
+class TrainingCancelled(Exception):
+    """should_stop() returned True at a step boundary; nothing was saved."""
+
+
+@dataclass
+class TrainState:
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    step: int = 0
+    total_steps: int = 0
+
+
+def split_train_eval(n: int, eval_fraction: float, max_eval: int, seed: int) -> tuple[list[int], list[int]]:
+    """Disjoint train / held-out indices. A single example cannot be split: it trains, no eval."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = 0 if n < 2 or eval_fraction <= 0 else min(max_eval, max(1, round(n * eval_fraction)), n - 1)
+    return order[n_eval:], order[:n_eval]
+
+
+def lr_lambda(scheduler: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        raise ValueError(f"train.scheduler: expected constant | linear | cosine, got {scheduler!r}")
+
+    return factor
+
+
+def make_optimizer(params, cfg):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    raise ValueError(f"train.optimizer: expected adamw | rmsprop, got {cfg.optimizer!r}")
+
+
+class PairBatches:
+    """Turns example indices into device batches; reference log-probs travel with them."""
+
+    def __init__(self, examples: list[TokenizedPair], pad_id: int, device: torch.device):
+        self.examples, self.pad_id, self.device = examples, pad_id, device
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = collate([self.examples[i] for i in indices], self.pad_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch["index"] = torch.tensor(indices, device=self.device)
+        return batch
+
+
+def reference_logps_for(reference: Reference | None, precomputed, batch, loss_cfg, chunk: int):
+    """(chosen, rejected) reference log-probs for a batch, or (None, None) when reference-free."""
+    if loss_cfg.reference_free:
+        return None, None
+    if precomputed is not None:
+        return precomputed[0][batch["index"]], precomputed[1][batch["index"]]
+    with reference.active() as ref_model:
+        chosen, rejected, _ = model_logps(ref_model, batch, loss_cfg.average_log_prob, chunk)
+    return chosen, rejected
+
+
+@torch.no_grad()
+def precompute_reference(reference: Reference, batches: PairBatches, n: int, batch_size: int, loss_cfg, chunk: int):
+    """Reference log-probs of every example, once, before training starts."""
+    chosen = torch.zeros(n, device=batches.device)
+    rejected = torch.zeros(n, device=batches.device)
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        batch = batches(idx)
+        with reference.active() as ref_model:
+            c, r, _ = model_logps(ref_model, batch, loss_cfg.average_log_prob, chunk)
+        chosen[batch["index"]], rejected[batch["index"]] = c, r
+    return chosen, rejected
+
+
+def batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk: int):
+    """Forward the policy on one (micro-)batch and score it. Returns (LossOutput, policy logps)."""
+    chosen, rejected, counts = model_logps(policy, batch, loss_cfg.average_log_prob, chunk)
+    ref_chosen, ref_rejected = reference_logps_for(reference, precomputed, batch, loss_cfg, chunk)
+    out = preference_loss(
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        name=loss_cfg.name,
+        beta=loss_cfg.beta,
+        label_smoothing=loss_cfg.label_smoothing,
+        reference_free=loss_cfg.reference_free,
+        sft_weight=loss_cfg.sft_weight,
+        chosen_token_counts=None if loss_cfg.average_log_prob else counts,
+    )
+    return out, chosen.detach(), rejected.detach()
+
+
+def summarise(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, prefix: str = "") -> dict:
+    """The standard DPO metrics over a set of examples."""
+    return {
+        f"{prefix}loss": losses.mean().item(),
+        f"{prefix}rewards/chosen": chosen_rewards.mean().item(),
+        f"{prefix}rewards/rejected": rejected_rewards.mean().item(),
+        f"{prefix}rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        f"{prefix}rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        f"{prefix}logps/chosen": chosen_logps.mean().item(),
+        f"{prefix}logps/rejected": rejected_logps.mean().item(),
+    }
+
+
+@torch.no_grad()
+def evaluate(policy, batches, indices, reference, precomputed, loss_cfg, batch_size: int, chunk: int) -> dict:
+    was_training = policy.training
+    policy.eval()
+    parts = []
+    for start in range(0, len(indices), batch_size):
+        out, c, r = batch_loss(policy, batches(indices[start : start + batch_size]), reference, precomputed, loss_cfg, chunk)
+        parts.append((out.losses, out.chosen_rewards, out.rejected_rewards, c, r))
+    policy.train(was_training)
+    return summarise(*(torch.cat(p) for p in zip(*parts, strict=True)), prefix="eval/")
+
+
+def train_policy(
+    policy,
+    examples: list[TokenizedPair],
+    pad_id: int,
+    cfg,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> TrainState:
+    """Train `policy` in place on `examples` with DPO-family losses. cfg is the composed config."""
+    tcfg, loss_cfg = cfg.train, cfg.loss
+    device = next(policy.parameters()).device
+    chunk = tcfg.logprob_chunk_size
+    torch.manual_seed(tcfg.seed)
+    train_idx, eval_idx = split_train_eval(len(examples), cfg.data.eval_fraction, cfg.data.max_eval_examples, tcfg.seed)
+    batches = PairBatches(examples, pad_id, device)
+    emit = on_progress or (lambda event: None)
+    stop = should_stop or (lambda: False)
+
+    # Reference log-probs: none (reference-free), precomputed once before training, or live each
+    # step. LoRA: the policy with adapters disabled; full fine-tuning: a frozen copy (live) or the
+    # policy itself before its first step (precompute).
+    reference, precomputed = None, None
+    if not loss_cfg.reference_free:
+        if tcfg.reference not in ("precompute", "live"):
+            raise ValueError(f"train.reference: expected precompute | live, got {tcfg.reference!r}")
+        is_lora = hasattr(policy, "disable_adapter")
+        mode = "adapter" if is_lora else "copy" if tcfg.reference == "live" else "self"
+        reference = Reference(policy, mode)
+        if tcfg.reference == "precompute":
+            precomputed = precompute_reference(reference, batches, len(examples), tcfg.batch_size, loss_cfg, chunk)
+            reference = None
+
+    batch_size = tcfg.batch_size
+    micro = tcfg.micro_batch_size or batch_size
+    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
+    total = steps_per_epoch * tcfg.epochs
+    if tcfg.max_steps:
+        total = min(total, tcfg.max_steps)
+    state = TrainState(total_steps=total)
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, tcfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.scheduler, tcfg.warmup_steps, total))
+    generator = torch.Generator().manual_seed(tcfg.seed)
+    policy.train()
+    start_time = time.perf_counter()
+
+    for epoch in range(tcfg.epochs):
+        order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=generator).tolist()]
+        for first in range(0, len(order), batch_size):
+            if state.step >= total:
+                break
+            if stop():
+                raise TrainingCancelled(f"cancelled before step {state.step + 1} of {total}")
+            step_start = time.perf_counter()
+            indices = order[first : first + batch_size]
+            parts, tokens = [], 0
+            for m in range(0, len(indices), micro):
+                batch = batches(indices[m : m + micro])
+                tokens += batch_tokens(batch)
+                out, c, r = batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk)
+                (out.losses.sum() / len(indices)).backward()  # mean over the whole step's pairs
+                parts.append((out.losses.detach(), out.chosen_rewards, out.rejected_rewards, c, r))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            elapsed = time.perf_counter() - step_start
+            metrics = summarise(*(torch.cat(p) for p in zip(*parts, strict=True)))
+            metrics.update(
+                step=state.step,
+                epoch=epoch + (first + len(indices)) / len(order),
+                grad_norm=float(grad_norm),
+                lr=lr,
+                tokens=tokens,
+                tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
+                elapsed_s=time.perf_counter() - start_time,
+            )
+            state.history.append(metrics)
+            emit({"kind": "step", "step": state.step, "total_steps": total, "epoch": metrics["epoch"], "metrics": metrics})
+            if eval_idx and tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < total:
+                result = evaluate(policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk)
+                state.evals.append({"step": state.step, **result})
+                emit({"kind": "eval", "step": state.step, "total_steps": total, "metrics": result})
+
+    if eval_idx:
+        result = evaluate(policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk)
+        state.evals.append({"step": state.step, **result})
+        emit({"kind": "eval", "step": state.step, "total_steps": total, "metrics": result})
+    return state

@@ -1,0 +1,111 @@
+"""Loading the policy, its tokenizer and the reference model."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from training.config import resolve_path
+from training.tiny_model import ensure_tiny_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_path(model_cfg) -> str:
+    """A local path (built if it is the tiny model) or a hub id passed through as is."""
+    name = model_cfg.name_or_path
+    if model_cfg.get("build") == "tiny":
+        return str(ensure_tiny_model(resolve_path(name)))
+    local = resolve_path(name)
+    return str(local) if local.exists() else name
+
+
+def _quiet_transformers() -> None:
+    """No progress bars in service logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:  # many causal LMs ship without one; pad positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO compares policy and reference on the same tokens: dropout would make them differ at step 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def load_policy(model_cfg, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    path = model_path(model_cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[model_cfg.dtype], trust_remote_code=model_cfg.trust_remote_code
+    )
+    disable_dropout(model)
+    if model_cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        target = model_cfg.lora.target_modules
+        lora = LoraConfig(
+            r=model_cfg.lora.r,
+            lora_alpha=model_cfg.lora.alpha,
+            lora_dropout=model_cfg.lora.dropout,
+            target_modules=target if isinstance(target, str) else list(target),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model.to(device), path
+
+
+class Reference:
+    """Where reference log-probs come from: a frozen copy of the initial policy ("copy"), the LoRA
+    policy with its adapters disabled ("adapter": no second copy), or the policy itself before
+    training starts ("self", used to precompute)."""
+
+    def __init__(self, policy, mode: str):
+        if mode not in ("copy", "adapter", "self"):
+            raise ValueError(f"reference mode: expected copy | adapter | self, got {mode!r}")
+        self.mode = mode
+        if mode == "copy":
+            self.model = copy.deepcopy(policy).eval()
+            self.model.requires_grad_(False)
+        else:
+            self.model = policy
+
+    @contextlib.contextmanager
+    def active(self):
+        """A no-grad context in which the yielded model gives reference log-probs."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.model.disable_adapter() if self.mode == "adapter" else contextlib.nullcontext():
+                yield self.model
+        finally:
+            self.model.train(was_training)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))

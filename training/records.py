@@ -1,0 +1,208 @@
+"""Preference records in the accepted formats, normalised to (prompt, chosen, rejected) pairs.
+
+Three formats (see datasets/preference_record.schema.json):
+  pairs   {"prompt", "chosen", "rejected"}
+  ranked  {"prompt", "responses": [..], "pairs": [[preferred, rejected], ..], "sft_target"?}
+  chat    {"input": {"messages": [..]}, "preferred_output": [msg], "non_preferred_output": [msg]}
+
+Validation errors name the record (its index, or the id the caller gave it) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One comparison. For chat records `messages` holds the conversation and `prompt` is None."""
+
+    chosen: str
+    rejected: str
+    prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None  # ((role, content), ...)
+    source: str = ""  # the record it came from, for error messages
+
+
+class RecordError(ValueError):
+    """A record that cannot be used. `record` is its index or id, `field` the offending field."""
+
+    def __init__(self, record: int | str, field: str, message: str):
+        self.record = record
+        self.field = field
+        self.message = message
+        super().__init__(f"record {record}: field '{field}': {message}")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text(record: dict, key: str, rid: int | str, field: str | None = None) -> str:
+    value = record.get(key)
+    field = field or key
+    if key not in record:
+        raise RecordError(rid, field, "is required")
+    if not isinstance(value, str):
+        raise RecordError(rid, field, f"expected a string, got {_type_name(value)}")
+    if not value.strip():
+        raise RecordError(rid, field, "must not be empty")
+    return value
+
+
+def detect_format(record: Any, rid: int | str = 0) -> str:
+    if not isinstance(record, dict):
+        raise RecordError(rid, "<record>", f"expected an object, got {_type_name(record)}")
+    if "input" in record or "preferred_output" in record:
+        return "chat"
+    if "responses" in record:
+        return "ranked"
+    if "chosen" in record or "rejected" in record:
+        return "pairs"
+    raise RecordError(
+        rid,
+        "<record>",
+        "unrecognised format: expected 'chosen'/'rejected' (pairs), 'responses'/'pairs' (ranked) "
+        "or 'input'/'preferred_output'/'non_preferred_output' (chat)",
+    )
+
+
+def _pairs_record(record: dict, rid: int | str) -> list[PreferencePair]:
+    prompt = _text(record, "prompt", rid)
+    chosen = _text(record, "chosen", rid)
+    rejected = _text(record, "rejected", rid)
+    if chosen == rejected:
+        raise RecordError(rid, "rejected", "is identical to 'chosen': nothing to prefer")
+    return [PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source=str(rid))]
+
+
+def _ranked_record(record: dict, rid: int | str) -> list[PreferencePair]:
+    prompt = _text(record, "prompt", rid)
+    responses = record.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise RecordError(rid, "responses", "expected a list of at least 2 strings")
+    for i, response in enumerate(responses):
+        if not isinstance(response, str) or not response.strip():
+            raise RecordError(rid, f"responses[{i}]", f"expected a non-empty string, got {_type_name(response)}")
+    comparisons = record.get("pairs")
+    if not isinstance(comparisons, list) or not comparisons:
+        raise RecordError(rid, "pairs", "expected a non-empty list of [preferred_index, rejected_index]")
+    out = []
+    for k, pair in enumerate(comparisons):
+        field = f"pairs[{k}]"
+        if (
+            not isinstance(pair, list | tuple)
+            or len(pair) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)
+        ):
+            raise RecordError(rid, field, "expected [preferred_index, rejected_index] (two integers)")
+        good, bad = pair
+        for i in (good, bad):
+            if not 0 <= i < len(responses):
+                raise RecordError(rid, field, f"index {i} out of range: {len(responses)} responses")
+        if responses[good] == responses[bad]:
+            raise RecordError(rid, field, "preferred and rejected responses are identical")
+        out.append(PreferencePair(prompt=prompt, chosen=responses[good], rejected=responses[bad], source=str(rid)))
+    target = record.get("sft_target")
+    if target is not None and not isinstance(target, str):
+        raise RecordError(rid, "sft_target", f"expected a string, got {_type_name(target)}")
+    return out
+
+
+def _message(msg: Any, rid: int | str, field: str) -> tuple[str, str]:
+    if not isinstance(msg, dict):
+        raise RecordError(rid, field, f"expected a message object, got {_type_name(msg)}")
+    role = msg.get("role")
+    if role not in CHAT_ROLES:
+        raise RecordError(rid, f"{field}.role", f"expected one of {list(CHAT_ROLES)}, got {role!r}")
+    content = msg.get("content")
+    if not isinstance(content, str):
+        raise RecordError(rid, f"{field}.content", f"expected a string, got {_type_name(content)}")
+    return role, content
+
+
+def _chat_output(record: dict, key: str, rid: int | str) -> str:
+    value = record.get(key)
+    if not isinstance(value, list) or len(value) != 1:
+        raise RecordError(rid, key, "expected a list holding exactly one assistant message")
+    role, content = _message(value[0], rid, f"{key}[0]")
+    if role != "assistant":
+        raise RecordError(rid, f"{key}[0].role", f"expected 'assistant', got {role!r}")
+    if not content.strip():
+        raise RecordError(rid, f"{key}[0].content", "must not be empty")
+    return content
+
+
+def _chat_record(record: dict, rid: int | str) -> list[PreferencePair]:
+    inp = record.get("input")
+    if not isinstance(inp, dict):
+        raise RecordError(rid, "input", f"expected an object with 'messages', got {_type_name(inp)}")
+    messages = inp.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(rid, "input.messages", "expected a non-empty list of messages")
+    conversation = tuple(_message(m, rid, f"input.messages[{i}]") for i, m in enumerate(messages))
+    if conversation[-1][0] == "assistant":
+        raise RecordError(rid, f"input.messages[{len(messages) - 1}].role", "the conversation must not end with the assistant")
+    chosen = _chat_output(record, "preferred_output", rid)
+    rejected = _chat_output(record, "non_preferred_output", rid)
+    if chosen == rejected:
+        raise RecordError(rid, "non_preferred_output", "is identical to 'preferred_output': nothing to prefer")
+    return [PreferencePair(messages=conversation, chosen=chosen, rejected=rejected, source=str(rid))]
+
+
+_PARSERS = {"pairs": _pairs_record, "ranked": _ranked_record, "chat": _chat_record}
+
+
+def normalise_record(record: Any, rid: int | str = 0) -> list[PreferencePair]:
+    """One record in any accepted format -> its preference pairs (ranked records give several)."""
+    return _PARSERS[detect_format(record, rid)](record, rid)
+
+
+def normalise_records(
+    records: Sequence[Any],
+    ids: Sequence[str] | None = None,
+    skip_invalid: bool = False,
+) -> tuple[list[PreferencePair], list[RecordError]]:
+    """All records -> pairs. Raises the first RecordError unless `skip_invalid`, then returns them all."""
+    pairs: list[PreferencePair] = []
+    errors: list[RecordError] = []
+    for index, record in enumerate(records):
+        rid = ids[index] if ids is not None else index
+        try:
+            pairs.extend(normalise_record(record, rid))
+        except RecordError as err:
+            if not skip_invalid:
+                raise
+            errors.append(err)
+    if not pairs:
+        raise RecordError("-", "dataset", "no usable preference records" + (f" ({len(errors)} invalid)" if errors else ""))
+    return pairs, errors
+
+
+def read_jsonl(lines: Iterable[str]) -> list[Any]:
+    """Parse JSON Lines; a line that is not JSON is an error naming its line number."""
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise RecordError(f"line {number}", "<json>", f"not valid JSON: {err.msg}") from None
+    return out
+
+
+def load_records_file(path: str) -> list[Any]:
+    """Records from a .jsonl file (one per line) or a .json file (a list)."""
+    with open(path, encoding="utf-8") as fh:
+        if path.endswith(".jsonl"):
+            return read_jsonl(fh)
+        data = json.load(fh)
+    if not isinstance(data, list):
+        raise RecordError("-", "<file>", f"{path}: expected a JSON list of records, got {_type_name(data)}")
+    return data
