@@ -1,8 +1,21 @@
-"""DPO training: torch, transformers, peft and Hydra/OmegaConf only (no web or Firebase code)."""
+"""DPO training: torch, transformers, peft and Hydra/OmegaConf only (no web or Firebase code).
 
-from training.config import compose_config
-from training.facade import TrainingResult, run_training
-from training.loop import TrainingCancelled
-from training.records import RecordError
+Names are loaded lazily so `training.records` (pure Python) can be imported without torch.
+"""
 
-__all__ = ["RecordError", "TrainingCancelled", "TrainingResult", "compose_config", "run_training"]
+from importlib import import_module
+
+_EXPORTS = {
+    "RecordError": "training.records",
+    "TrainingCancelled": "training.loop",
+    "TrainingResult": "training.facade",
+    "compose_config": "training.config",
+    "run_training": "training.facade",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'training' has no attribute {name!r}")

@@ -1,0 +1,286 @@
+"""The job runner: worker threads take queued jobs and train them, never on the event loop.
+
+In-process first (the training facade called in the worker thread); when that path cannot run
+(the trainer fails to import or initialise, or DPO_RUNNER_MODE=subprocess) the job runs as
+`python -m training` in a subprocess with the same resolved config, progress coming back as JSON
+lines. Bad data is never retried. Each job has its own working directory, removed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from core.callbacks import send_callback_later
+from core.errors import JOB_FINISHED, JOB_NOT_FOUND, ServiceError
+from core.schemas import job_view
+from storage.base import SourceError, StorageError
+from training.config import REPO_ROOT, compose_config
+from training.records import RecordError, normalise_records
+
+log = logging.getLogger(__name__)
+
+
+class Stopped(Exception):
+    """The job was asked to stop (cancel or shutdown) at a step boundary."""
+
+
+class InProcessUnavailable(Exception):
+    """The in-process trainer cannot run here; the subprocess path should take the job."""
+
+
+def load_inprocess_trainer():
+    """Import the facade lazily: an import or initialisation failure routes jobs to the subprocess."""
+    try:
+        from training.facade import run_training
+        from training.loop import TrainingCancelled
+    except Exception as err:  # ImportError, OSError from a broken native library, ...
+        raise InProcessUnavailable(f"{type(err).__name__}: {err}") from err
+    return run_training, TrainingCancelled
+
+
+class Runner:
+    def __init__(self, store, settings, source, artifacts, metrics=None):
+        self.store, self.settings, self.source, self.artifacts, self.metrics = store, settings, source, artifacts, metrics
+        self.mode = settings.runner_mode  # auto | inprocess | subprocess
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._stop_requests: dict[str, str] = {}  # job id -> "cancel" | "shutdown"
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.settings.work_root.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(self.settings.work_root):  # leftovers of a crash
+            shutil.rmtree(self.settings.work_root / name, ignore_errors=True)
+        for i in range(self.settings.max_concurrent_jobs):
+            thread = threading.Thread(target=self._worker, name=f"dpo-worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def alive(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop taking jobs; running jobs stop at their next step boundary and are recorded."""
+        self._stopping.set()
+        with self._lock:
+            for job_id in list(self._stop_requests) + [j for j in self._procs if j not in self._stop_requests]:
+                self._stop_requests.setdefault(job_id, "shutdown")
+            running = [job["id"] for job in self.store.list(status="running", limit=1000)[0]]
+            for job_id in running:
+                self._stop_requests.setdefault(job_id, "shutdown")
+            for proc in self._procs.values():
+                proc.terminate()
+        self._wake.set()
+        deadline = time.time() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.time()))
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # -- cancel --------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> dict:
+        if self.store.cancel_if_queued(job_id):
+            return self.store.get(job_id)
+        job = self.store.get(job_id)
+        if job is None:
+            raise ServiceError(404, "not_found", JOB_NOT_FOUND)
+        if job["status"] != "running":
+            raise ServiceError(409, "conflict", JOB_FINISHED.format(status=job["status"]))
+        with self._lock:
+            self._stop_requests[job_id] = "cancel"
+            proc = self._procs.get(job_id)
+            if proc is not None:
+                proc.terminate()
+        self.store.add_event(job_id, "cancel_requested", {})
+        return self.store.get(job_id)
+
+    def _should_stop(self, job_id: str) -> bool:
+        return job_id in self._stop_requests
+
+    # -- the worker ----------------------------------------------------------------------
+    def _worker(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self.store.claim_next(runner=self.mode)
+            except Exception:  # the store is unreachable: keep the worker alive and retry
+                log.exception("could not claim a job")
+                job = None
+            if job is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            self._run(job)
+
+    def _run(self, job: dict) -> None:
+        job_id = job["id"]
+        work = self.settings.work_root / job_id
+        work.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        outcome: dict = {}
+        try:
+            outcome = self._execute(job, work)
+        except Stopped:
+            if self._stop_requests.get(job_id) == "cancel":
+                outcome = {"status": "cancelled", "error_type": "cancelled", "error_message": "cancelled while running"}
+            else:
+                outcome = {"status": "failed", "error_type": "interrupted", "error_message": "stopped by server shutdown"}
+        except (SourceError, RecordError) as err:
+            outcome = {"status": "failed", "error_type": "invalid_data", "error_message": str(err)}
+        except StorageError as err:
+            outcome = {"status": "failed", "error_type": "storage_error", "error_message": str(err)}
+        except Exception as err:
+            log.exception("job %s failed", job_id)
+            outcome = {"status": "failed", "error_type": "training_error", "error_message": f"{type(err).__name__}: {err}"[:2000]}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            with self._lock:
+                self._stop_requests.pop(job_id, None)
+                self._procs.pop(job_id, None)
+        status = outcome.pop("status")
+        final = self.store.finish(job_id, status, **outcome)
+        if self.metrics is not None:
+            self.metrics.job_duration.labels(status).observe(time.time() - started)
+            self.metrics.jobs_finished.labels(status).inc()
+        if job.get("callback_url"):
+            secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else None
+            send_callback_later(job["callback_url"], job_view(final), secret, self.settings.callback_retries, self.settings.callback_timeout_s)
+
+    def _execute(self, job: dict, work: Path) -> dict:
+        job_id, community = job["id"], job["community_id"]
+        if job["source"] == "inline":
+            records = self.store.dataset(job_id) or []
+            ids = None
+        else:
+            records, ids = self.source.fetch(community)
+        pairs, _ = normalise_records(records, ids=ids)  # bad data fails here, in either mode
+        self.store.add_event(job_id, "data", {"records": len(records), "pairs": len(pairs)})
+        overrides = job["config"]
+        cfg = compose_config(overrides.get("model") or "tiny", overrides.get("loss") or "dpo", overrides.get("values", {}))
+        out_dir = work / "output"
+        progress = ProgressRecorder(self.store, job_id, self.metrics)
+
+        result = None
+        if self.mode != "subprocess":
+            try:
+                run_training, cancelled_type = load_inprocess_trainer()
+                result = self._train_inprocess(run_training, cancelled_type, cfg, records, ids, out_dir, progress, job_id)
+            except InProcessUnavailable as err:
+                if self.mode == "inprocess":
+                    raise
+                log.warning("in-process training unavailable (%s); running job %s in a subprocess", err, job_id)
+                self.store.add_event(job_id, "warning", {"message": f"in-process trainer unavailable, using a subprocess: {err}"})
+        if result is None:
+            result = self._train_subprocess(cfg, records, work, out_dir, progress, job_id)
+
+        if self._should_stop(job_id):
+            raise Stopped()
+        final_eval = result.get("final_eval", {})
+        stored = self.artifacts.save(out_dir, community, job_id, manifest_extra={"final_eval": final_eval})
+        return {
+            "status": "succeeded", "final_eval": final_eval, "artifact_uri": stored.uri, "artifact_files": stored.files,
+            "records": len(records), "metrics": result.get("final_train", {}),
+        }
+
+    def _train_inprocess(self, run_training, cancelled_type, cfg, records, ids, out_dir, progress, job_id) -> dict:
+        try:
+            result = run_training(cfg, records, out_dir, on_progress=progress, should_stop=lambda: self._should_stop(job_id), record_ids=ids)
+        except cancelled_type:
+            raise Stopped() from None
+        except (ImportError, OSError) as err:
+            if progress.steps_seen == 0 and not isinstance(err, FileNotFoundError):
+                raise InProcessUnavailable(f"{type(err).__name__}: {err}") from err
+            raise
+        return {"final_eval": result.metrics.get("final_eval", {}), "final_train": result.metrics.get("final_train", {})}
+
+    def _train_subprocess(self, cfg, records, work: Path, out_dir: Path, progress, job_id) -> dict:
+        data_path = work / "dataset.jsonl"
+        with open(data_path, "w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record) + "\n")
+        job_cfg = OmegaConf.to_container(cfg, resolve=True)
+        job_cfg["output_dir"] = str(out_dir)
+        job_cfg["data"]["path"] = str(data_path)
+        # The subprocess composes exactly this file: no override strings are built from caller data.
+        job_cfg["defaults"] = [{"override hydra/job_logging": "stdout"}, "_self_"]
+        job_cfg["hydra"] = {"output_subdir": None, "run": {"dir": str(work)}, "job": {"chdir": False}}
+        (work / "job.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job_cfg)))
+        command = [sys.executable, "-m", "training", "--config-path", str(work), "--config-name", "job"]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with self._lock:
+            self._procs[job_id] = proc
+            if self._should_stop(job_id):
+                proc.terminate()
+        result, error, tail = None, None, []
+        for line in proc.stdout:
+            if line.startswith("@progress "):
+                progress(json.loads(line[len("@progress "):]))
+            elif line.startswith("@result "):
+                result = json.loads(line[len("@result "):])
+            elif line.startswith("@error "):
+                error = json.loads(line[len("@error "):])
+            else:
+                tail = (tail + [line.rstrip()])[-20:]
+        code = proc.wait()
+        if self._should_stop(job_id) and code != 0:
+            raise Stopped()
+        if error is not None:
+            raise RecordError("-", "dataset", error["message"]) if error["type"] == "invalid_data" else RuntimeError(error["message"])
+        if code != 0 or result is None:
+            if code < 0:
+                raise RuntimeError(f"training subprocess killed by {signal.Signals(-code).name}")
+            raise RuntimeError(f"training subprocess exited with code {code}: " + " | ".join(tail[-5:]))
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+        return {"final_eval": metrics.get("final_eval", {}), "final_train": metrics.get("final_train", {})}
+
+
+class ProgressRecorder:
+    """Training progress events -> the job row (every step) and the event log (throttled)."""
+
+    def __init__(self, store, job_id: str, metrics=None, event_interval_s: float = 1.0):
+        self.store, self.job_id, self.metrics, self.interval = store, job_id, metrics, event_interval_s
+        self.started = time.time()
+        self.last_event = 0.0
+        self.steps_seen = 0
+
+    def __call__(self, event: dict) -> None:
+        step, total = event.get("step", 0), event.get("total_steps") or 0
+        if event["kind"] == "eval":
+            self.store.add_event(self.job_id, "eval", event["metrics"])
+            return
+        self.steps_seen += 1
+        elapsed = time.time() - self.started
+        progress = {
+            "step": step,
+            "total_steps": total,
+            "epoch": round(event.get("epoch", 0.0), 4),
+            "percent": round(100.0 * step / total, 2) if total else 0.0,
+            "eta_seconds": round(elapsed / step * (total - step), 1) if step else None,
+        }
+        metrics = {k: v for k, v in event["metrics"].items() if isinstance(v, int | float)}
+        self.store.set_progress(self.job_id, progress, metrics)
+        if self.metrics is not None and "tokens_per_s" in metrics:
+            self.metrics.tokens_per_s.set(metrics["tokens_per_s"])
+        now = time.time()
+        if now - self.last_event >= self.interval or step == total:
+            self.last_event = now
+            self.store.add_event(self.job_id, "progress", {**progress, "metrics": metrics})

@@ -1,0 +1,168 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from training.config import available
+
+COMMUNITY_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+class TrainOverrides(BaseModel):
+    """The only training settings a caller may change, each range-checked."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="a config/model/*.yaml name")
+    loss: str | None = Field(None, description="a config/loss/*.yaml name")
+    beta: float | None = Field(None, gt=0, le=10)
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    epochs: int | None = Field(None, ge=1, le=100)
+    batch_size: int | None = Field(None, ge=1, le=1024)
+    max_length: int | None = Field(None, ge=16, le=32768)
+    lora: bool | None = None
+    lora_rank: int | None = Field(None, ge=1, le=512)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+    @field_validator("model", "loss")
+    @classmethod
+    def _known_option(cls, value, info):
+        if value is not None and value not in available(info.field_name):
+            raise ValueError(f"expected one of {available(info.field_name)}")
+        return value
+
+    def config_values(self) -> dict[str, Any]:
+        """Dotted config keys -> typed values for training.config.compose_config."""
+        mapping = {
+            "beta": "loss.beta",
+            "learning_rate": "train.learning_rate",
+            "epochs": "train.epochs",
+            "batch_size": "train.batch_size",
+            "lora": "model.lora.enabled",
+            "lora_rank": "model.lora.r",
+            "seed": "train.seed",
+        }
+        values = {key: getattr(self, name) for name, key in mapping.items() if getattr(self, name) is not None}
+        if self.max_length is not None:
+            values["data.max_length"] = self.max_length
+            values["data.max_prompt_length"] = min(64, self.max_length // 2)
+        return values
+
+
+class TriggerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    communityId: str = Field(pattern=COMMUNITY_ID_PATTERN, description="the community whose preferences to train on")
+    dataset: list[Any] | None = Field(None, description="inline records in any accepted format; absent: the preference source")
+    config: TrainOverrides | None = None
+    callbackUrl: str | None = Field(None, max_length=2048, description="signed POST of the final job record")
+
+
+class QueuedResponse(BaseModel):
+    status: Literal["queued"]
+    job_id: str
+    status_url: str
+
+
+class SyncResponse(BaseModel):
+    """?wait=true: the old synchronous shape."""
+
+    status: Literal["success", "error"]
+    job_id: str
+    policy_path: str | None = None
+    job_status: JobStatus
+    error: dict[str, str] | None = None
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float = 0.0
+    percent: float = 0.0
+    eta_seconds: float | None = None
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class Artifact(BaseModel):
+    uri: str
+    files: list[str]
+
+
+class JobView(BaseModel):
+    job_id: str
+    community_id: str
+    status: JobStatus
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: Progress
+    metrics: dict[str, Any] = {}
+    final_eval: dict[str, Any] = {}
+    artifact: Artifact | None = None
+    error: JobError | None = None
+    config: dict[str, Any] = {}
+    source: str
+    records: int | None = None
+    runner: str | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    next_cursor: str | None = None
+
+
+class Event(BaseModel):
+    seq: int
+    ts: float
+    kind: str
+    data: dict[str, Any]
+
+
+class EventList(BaseModel):
+    events: list[Event]
+    last_seq: int
+
+
+class Health(BaseModel):
+    status: str
+    service: str
+    version: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str]
+
+
+def job_view(job: dict) -> dict:
+    """A store row -> the JobView shape."""
+    artifact = {"uri": job["artifact_uri"], "files": job["artifact_files"] or []} if job.get("artifact_uri") else None
+    error = {"type": job["error_type"], "message": job["error_message"] or ""} if job.get("error_type") else None
+    progress = {"step": 0, "epoch": 0.0, "percent": 0.0, **job.get("progress", {})}
+    return {
+        "job_id": job["id"],
+        "community_id": job["community_id"],
+        "status": job["status"],
+        "created_at": job["created_at"],
+        "started_at": job["started_at"],
+        "finished_at": job["finished_at"],
+        "progress": progress,
+        "metrics": job.get("metrics", {}),
+        "final_eval": job.get("final_eval", {}),
+        "artifact": artifact,
+        "error": error,
+        "config": job.get("config", {}),
+        "source": job["source"],
+        "records": job.get("records"),
+        "runner": job.get("runner"),
+    }

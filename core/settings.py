@@ -1,0 +1,52 @@
+"""Deployment settings from environment variables (prefix DPO_). Secrets never live in Hydra configs."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DPO_", extra="ignore")
+
+    # Auth
+    webhook_secret: SecretStr | None = None  # HMAC key for X-DPO-Signature (and callbacks)
+    allow_unsigned: bool = False  # only for local experiments; logs a loud warning
+    signature_tolerance_s: int = 300  # reject timestamps further than this from the server clock
+
+    # Jobs
+    data_dir: Path = Path("data")  # job store (jobs.sqlite3) and per-job working directories
+    max_concurrent_jobs: int = Field(1, ge=1, le=64)  # one GPU runs one training at a time
+    runner_mode: Literal["auto", "inprocess", "subprocess"] = "auto"
+    callback_allowed_hosts: Annotated[list[str], NoDecode] = []  # comma-separated in the environment
+    callback_timeout_s: float = 10.0
+    callback_retries: int = 4
+
+    # Storage
+    storage_backend: Literal["local", "firebase"] = "local"
+    preferences_dir: Path = Path("data/preferences")  # local source: <dir>/<communityId>.jsonl|.json
+    artifacts_dir: Path = Path("artifacts")  # local store: <dir>/<communityId>/<jobId>/
+
+    @field_validator("callback_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value):
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @property
+    def job_db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def work_root(self) -> Path:
+        return self.data_dir / "work"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

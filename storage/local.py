@@ -1,0 +1,66 @@
+"""Local filesystem backend: records from <dir>/<communityId>.jsonl|.json, artifacts to a directory."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from storage.base import SourceError, StorageError, StoredArtifact
+from storage.manifest import build_manifest, write_manifest
+from training.records import RecordError, load_records_file
+
+
+class LocalPreferenceSource:
+    name = "local"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def fetch(self, community_id: str) -> tuple[list[Any], list[str]]:
+        for suffix in (".jsonl", ".json"):
+            path = self.root / f"{community_id}{suffix}"
+            if path.is_file():
+                try:
+                    records = load_records_file(str(path))
+                except (RecordError, UnicodeDecodeError, ValueError) as err:
+                    raise SourceError(f"{path.name}: {err}") from None
+                if not records:
+                    raise SourceError(f"no preference records for community '{community_id}' ({path.name} is empty)")
+                return records, [f"{path.name}:{i}" for i in range(len(records))]
+        raise SourceError(f"no preference records for community '{community_id}' (no {community_id}.jsonl or .json in the data directory)")
+
+    def check(self) -> str | None:
+        return None if self.root.is_dir() or not self.root.exists() else f"{self.root} is not a directory"
+
+
+class LocalArtifactStore:
+    """<root>/<communityId>/<jobId>/: copied aside, manifest written last, then renamed into place,
+    so a reader never sees a half-written artifact."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def save(self, run_dir: Path, community_id: str, job_id: str, manifest_extra: dict | None = None) -> StoredArtifact:
+        final = self.root / community_id / job_id
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{job_id}-", dir=final.parent))
+        try:
+            shutil.copytree(run_dir, staging, dirs_exist_ok=True)
+            manifest = build_manifest(staging, job_id, community_id, manifest_extra)
+            write_manifest(staging, manifest)
+            staging.rename(final)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StorageError(f"could not store the artifact in {final}: {err}") from err
+        return StoredArtifact(uri=final.resolve().as_uri(), files=[f["path"] for f in manifest["files"]] + ["manifest.json"])
+
+    def check(self) -> str | None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root):
+                pass
+            return None
+        except OSError as err:
+            return f"artifacts directory {self.root} is not writable: {err.strerror}"

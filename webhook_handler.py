@@ -1,0 +1,282 @@
+"""The HTTP service: `uvicorn webhook_handler:app` (port 8000).
+
+create_app() builds the app; its lifespan opens the job store, the storage backend and the runner,
+and shuts them down cleanly (SIGTERM: stop accepting, stop the running job at a step boundary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from core import SERVICE_NAME, __version__
+from core.auth import HEADER, verify
+from core.callbacks import check_callback_url
+from core.errors import IDEMPOTENCY_CONFLICT, JOB_NOT_FOUND, ServiceError
+from core.jobs import IdempotencyConflict, JobStore
+from core.metrics import Metrics
+from core.runner import Runner
+from core.schemas import (
+    COMMUNITY_ID_PATTERN,
+    FINAL_STATES,
+    JOB_ID_PATTERN,
+    EventList,
+    Health,
+    JobList,
+    JobStatus,
+    JobView,
+    QueuedResponse,
+    Readiness,
+    SyncResponse,
+    TriggerRequest,
+    job_view,
+)
+from core.settings import Settings, get_settings
+from storage import build_storage
+from training.records import RecordError, normalise_records
+
+log = logging.getLogger("dpo")
+
+
+# -- dependencies -----------------------------------------------------------------------------
+def _state(request: Request):
+    return request.app.state
+
+
+async def require_signature(request: Request) -> bytes:
+    """Verify X-DPO-Signature over the raw body; returns the body."""
+    settings: Settings = request.app.state.settings
+    body = await request.body()
+    if settings.webhook_secret is None:  # only possible with DPO_ALLOW_UNSIGNED=1
+        return body
+    verify(request.headers.get(HEADER), body, settings.webhook_secret.get_secret_value(), settings.signature_tolerance_s)
+    return body
+
+
+Signed = Annotated[bytes, Depends(require_signature)]
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="32 hex characters")]
+
+
+def _job_or_404(store: JobStore, job_id: str) -> dict:
+    job = store.get(job_id)
+    if job is None:
+        raise ServiceError(404, "not_found", JOB_NOT_FOUND)
+    return job
+
+
+# -- routes -----------------------------------------------------------------------------------
+router = APIRouter()
+
+
+@router.get("/health", response_model=Health, tags=["ops"])
+def health():
+    """Liveness: no dependencies touched, never blocked by training."""
+    return {"status": "healthy", "service": SERVICE_NAME, "version": __version__}
+
+
+@router.get("/ready", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}})
+def ready(request: Request):
+    state = _state(request)
+    checks = {
+        "job_store": "ok" if state.store.writable() else "not writable",
+        "worker": "ok" if state.runner.alive() else "not running",
+        "preference_source": state.source.check() or "ok",
+        "artifact_store": state.artifacts.check() or "ok",
+    }
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ready" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics", tags=["ops"], response_class=Response)
+def metrics(request: Request):
+    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.post(
+    "/trigger-finetune",
+    status_code=202,
+    response_model=QueuedResponse,
+    tags=["jobs"],
+    responses={200: {"model": SyncResponse}, 401: {}, 409: {}, 422: {}},
+)
+async def trigger_finetune(
+    request: Request,
+    body: Signed,
+    payload: TriggerRequest,
+    wait: Annotated[bool, Query(description="answer when the job ends, in the old synchronous shape")] = False,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)] = None,
+):
+    state = _state(request)
+    if state.runner.stopping:
+        raise ServiceError(503, "shutting_down", "the service is shutting down; retry on another instance")
+    if payload.callbackUrl is not None:
+        check_callback_url(payload.callbackUrl, state.settings.callback_allowed_hosts)
+    if payload.dataset is not None:
+        try:
+            normalise_records(payload.dataset)  # validate before anything is queued
+        except RecordError as err:
+            field = f"dataset[{err.record}].{err.field}" if isinstance(err.record, int) else "dataset"
+            raise ServiceError(422, "invalid_record", str(err), field=field) from None
+    overrides = payload.config
+    config = {
+        "overrides": overrides.model_dump(exclude_none=True) if overrides else {},
+        "model": overrides.model if overrides else None,
+        "loss": overrides.loss if overrides else None,
+        "values": overrides.config_values() if overrides else {},
+    }
+    try:
+        job, _ = await asyncio.to_thread(
+            state.store.create,
+            payload.communityId,
+            config,
+            source="inline" if payload.dataset is not None else state.source.name,
+            dataset=payload.dataset,
+            records=len(payload.dataset) if payload.dataset is not None else None,
+            callback_url=payload.callbackUrl,
+            idempotency_key=idempotency_key,
+            body_sha256=hashlib.sha256(body).hexdigest(),
+        )
+    except IdempotencyConflict as err:
+        raise ServiceError(409, "idempotency_conflict", f"{IDEMPOTENCY_CONFLICT} (job {err.job_id})") from None
+    state.runner.notify()
+    job_id = job["id"]
+    if not wait:
+        return {"status": "queued", "job_id": job_id, "status_url": str(request.url_for("get_job", job_id=job_id))}
+    while True:  # poll without blocking the event loop
+        job = state.store.get(job_id)
+        if job["status"] in FINAL_STATES or state.runner.stopping:
+            break
+        await asyncio.sleep(0.25)
+    view = job_view(job)
+    body = {"job_id": job_id, "job_status": view["status"]}
+    if view["status"] == "succeeded":
+        body.update(status="success", policy_path=view["artifact"]["uri"])
+    else:
+        body.update(status="error", error=view["error"] or {"type": view["status"], "message": "job did not finish"})
+    return JSONResponse(body, status_code=200)
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"], name="get_job")
+def get_job(request: Request, job_id: JobId, _: Signed):
+    return job_view(_job_or_404(_state(request).store, job_id))
+
+
+@router.get("/jobs", response_model=JobList, tags=["jobs"])
+def list_jobs(
+    request: Request,
+    _: Signed,
+    communityId: Annotated[str | None, Query(pattern=COMMUNITY_ID_PATTERN)] = None,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$")] = None,
+):
+    jobs, next_cursor = _state(request).store.list(communityId, status, limit, int(cursor) if cursor else None)
+    return {"jobs": [job_view(j) for j in jobs], "next_cursor": None if next_cursor is None else str(next_cursor)}
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], responses={404: {}, 409: {}})
+def cancel_job(request: Request, job_id: JobId, _: Signed):
+    state = _state(request)
+    _job_or_404(state.store, job_id)
+    return job_view(state.runner.cancel(job_id))
+
+
+@router.get("/jobs/{job_id}/events", response_model=EventList, tags=["jobs"])
+def job_events(
+    request: Request,
+    job_id: JobId,
+    _: Signed,
+    after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+):
+    store = _state(request).store
+    _job_or_404(store, job_id)
+    events = store.events(job_id, after, limit)
+    return {"events": events, "last_seq": events[-1]["seq"] if events else after}
+
+
+# -- the app ----------------------------------------------------------------------------------
+def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming the field: 'config.nope: unknown key' rather than pydantic's raw list."""
+    details = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if p not in ("body", "query", "path", "header")]
+        field = ".".join(loc) or "body"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        details.append({"field": field, "message": message})
+    first = details[0] if details else {"field": "body", "message": "invalid request"}
+    return JSONResponse(
+        {"error": {"code": "validation_error", "message": f"{first['field']}: {first['message']}", "field": first["field"], "details": details}},
+        status_code=422,
+    )
+
+
+def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    if settings.webhook_secret is None and not settings.allow_unsigned:
+        raise RuntimeError("DPO_WEBHOOK_SECRET is not set: refusing to start (set DPO_ALLOW_UNSIGNED=1 only for local experiments)")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.webhook_secret is None:
+            log.warning("!!! DPO_ALLOW_UNSIGNED=1: requests are NOT authenticated. Never expose this instance. !!!")
+        store = JobStore(settings.job_db_path)
+        interrupted = store.fail_interrupted()
+        if interrupted:
+            log.warning("marked %d job(s) left running by a previous crash as failed (interrupted): %s", len(interrupted), interrupted)
+        source, artifacts = build_storage(settings)
+        app.state.settings, app.state.store, app.state.source, app.state.artifacts = settings, store, source, artifacts
+        app.state.metrics = Metrics(store)
+        app.state.runner = Runner(store, settings, source, artifacts, app.state.metrics)
+        app.state.runner.start()
+        try:
+            yield
+        finally:
+            log.info("shutting down: stopping the runner")
+            await asyncio.to_thread(app.state.runner.shutdown)
+            store.close()
+
+    app = FastAPI(title="DPO fine-tuning microservice", version=__version__, lifespan=lifespan)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+    @app.middleware("http")
+    async def record_latency(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.request_latency.labels(request.method, path, str(response.status_code)).observe(time.perf_counter() - started)
+        return response
+
+    app.include_router(router)
+    return app
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str):
+    """`webhook_handler.app` is built from the environment on first access (what uvicorn does),
+    so importing this module (tests, tools) has no side effects."""
+    global _app
+    if name == "app":
+        if _app is None:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            _app = create_app()
+        return _app
+    raise AttributeError(f"module 'webhook_handler' has no attribute {name!r}")
