@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: help
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -58,7 +58,19 @@ toy-data: setup ## Write the toy preference set in all three formats to .cache/t
 toy-train: toy-data ## Train the tiny model on the toy set via the CLI; prints held-out accuracy and artifact path
 	$(PY) -m training data.path=.cache/toy/pairs.jsonl output_dir=$(OUT) | grep -v '^@progress'
 
+.PHONY: toy-trigger
+toy-trigger: setup ## The whole pipeline: server on loopback, signed toy trigger, job followed to success, server stopped
+	$(PY) tools/toy_trigger.py --root .cache/toy-service
+
+.PHONY: api
+api: setup ## Run the service on :8000 (needs DPO_WEBHOOK_SECRET, or DPO_ALLOW_UNSIGNED=1 for local experiments)
+	$(VENV)/bin/uvicorn webhook_handler:app --host $${HOST:-0.0.0.0} --port $${PORT:-8000}
+
+.PHONY: test-api
+test-api: setup ## Only the HTTP API tests (real uvicorn servers on loopback)
+	$(PY) -m pytest tests/test_service.py
+
 .PHONY: clean
 clean: ## Remove caches and build outputs (never .cache/toy inputs you edited, never data/)
-	rm -rf .pytest_cache .ruff_cache .cache/runs .cache/models bench-results
+	rm -rf .pytest_cache .ruff_cache .cache/runs .cache/models .cache/toy-service bench-results
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +

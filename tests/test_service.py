@@ -1,0 +1,360 @@
+"""The HTTP service, end to end, against real uvicorn servers on loopback and real tiny-model training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from core.auth import HEADER, sign, verify
+from tests.service_helpers import FAST, wait_for
+from tools.serve import Server
+from tools.trigger import Client
+
+
+def artifact_path(job: dict) -> Path:
+    return Path(urlsplit(job["artifact"]["uri"]).path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("service")
+    with Server(root, env={"DPO_CALLBACK_ALLOWED_HOSTS": "127.0.0.1"}) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    return Client(server.url, server.secret)
+
+
+def count_jobs(client) -> int:
+    return len(client.get("/jobs", params={"limit": 200}).json()["jobs"])
+
+
+# -- the main path ------------------------------------------------------------------------------
+def test_signed_toy_trigger_trains_and_stores_a_loadable_artifact(server, client, toy):
+    from transformers import AutoModelForCausalLM
+
+    response = client.trigger("toy-community", toy(200), {"epochs": 2})
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "queued" and body["status_url"].endswith(f"/jobs/{body['job_id']}")
+    job = wait_for(client, body["job_id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["final_eval"]["eval/rewards/accuracies"] >= 0.9
+    assert job["progress"]["percent"] == 100.0 and job["progress"]["step"] == job["progress"]["total_steps"]
+    assert job["runner"] == "auto" and job["records"] == 200 and job["source"] == "inline"
+    path = artifact_path(job)
+    assert path == Path(server.root, "artifacts", "toy-community", body["job_id"]).resolve()
+    assert {"model.safetensors", "manifest.json", "metrics.json"} <= set(job["artifact"]["files"])
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["job_id"] == body["job_id"] and len(manifest["files"]) == len(job["artifact"]["files"]) - 1
+    AutoModelForCausalLM.from_pretrained(path)
+    assert list((Path(server.root) / "data" / "work").iterdir()) == []  # working directory removed
+
+    events = client.get(f"/jobs/{body['job_id']}/events").json()["events"]
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs) and seqs[0] == 1
+    states = [e["data"]["status"] for e in events if e["kind"] == "state"]
+    assert states == ["queued", "running", "succeeded"]
+    assert any(e["kind"] == "progress" for e in events) and any(e["kind"] == "eval" for e in events)
+    later = client.get(f"/jobs/{body['job_id']}/events", params={"after": seqs[-2]}).json()
+    assert [e["seq"] for e in later["events"]] == [seqs[-1]] and later["last_seq"] == seqs[-1]
+
+
+def test_records_from_the_local_preference_source(server, client, toy):
+    prefs = Path(server.root) / "preferences"
+    prefs.mkdir(exist_ok=True)
+    (prefs / "from-disk.jsonl").write_text("\n".join(json.dumps(r) for r in toy(40, "ranked")) + "\n")
+    job = wait_for(client, client.trigger("from-disk", config=FAST).json()["job_id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["source"] == "local" and job["records"] == 40
+
+
+def test_empty_community_fails_with_a_clear_message(client):
+    job = wait_for(client, client.trigger("nobody-here", config=FAST).json()["job_id"])
+    assert job["status"] == "failed"
+    assert job["error"]["type"] == "invalid_data" and "no preference records for community 'nobody-here'" in job["error"]["message"]
+
+
+def test_wait_true_answers_in_the_old_synchronous_shape(client, toy):
+    response = client.trigger("sync-community", toy(16), FAST, params={"wait": "true"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "success" and body["policy_path"].startswith("file://") and body["job_status"] == "succeeded"
+
+
+def test_health_keeps_answering_while_a_job_trains(server, client, toy):
+    job_id = client.trigger("busy", toy(256), {"epochs": 50}).json()["job_id"]
+    wait_for(client, job_id, states=("running",), step_at_least=1)
+    latencies = []
+    for _ in range(40):
+        started = time.perf_counter()
+        response = httpx.get(server.url + "/health", timeout=5)
+        latencies.append(time.perf_counter() - started)
+        assert response.json() == {"status": "healthy", "service": "dpo-microservice", "version": "0.1.0"}
+        time.sleep(0.05)
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "running", "the job ended before the measurement did"
+    assert max(latencies) < 1.0, latencies
+    client.post(f"/jobs/{job_id}/cancel")
+    wait_for(client, job_id)
+
+
+# -- signatures ---------------------------------------------------------------------------------
+def _raw_post(server, body: bytes, signature: str | None):
+    headers = {"Content-Type": "application/json"}
+    if signature is not None:
+        headers[HEADER] = signature
+    return httpx.post(server.url + "/trigger-finetune", content=body, headers=headers)
+
+
+@pytest.mark.parametrize(
+    "make_signature, message",
+    [
+        (lambda secret, body: None, "missing X-DPO-Signature header"),
+        (lambda secret, body: "v1=abc", "malformed X-DPO-Signature header"),
+        (lambda secret, body: "t=now,v1=zz", "malformed X-DPO-Signature header"),
+        (lambda secret, body: sign("wrong-secret", body), "signature does not match the request body"),
+        (lambda secret, body: sign(secret, body.replace(b"sig", b"SIG")), "signature does not match the request body"),
+        (lambda secret, body: sign(secret, body, int(time.time()) - 301), "signature timestamp is more than 300 s"),
+        (lambda secret, body: sign(secret, body, int(time.time()) + 301), "signature timestamp is more than 300 s"),
+    ],
+    ids=["missing", "malformed", "bad-timestamp", "wrong-secret", "tampered", "too-old", "future"],
+)
+def test_bad_signatures_are_401(server, client, make_signature, message):
+    before = count_jobs(client)
+    body = json.dumps({"communityId": "sig", "dataset": [{"prompt": "p", "chosen": "a", "rejected": "b"}]}).encode()
+    response = _raw_post(server, body, make_signature(server.secret, body))
+    assert response.status_code == 401
+    assert response.json()["error"]["message"].startswith(message)
+    assert count_jobs(client) == before
+
+
+def test_reads_need_a_signature_too_but_probes_do_not(server):
+    assert httpx.get(server.url + "/jobs").status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/ready").status_code == 200
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_verify_uses_the_body_bytes_exactly():
+    header = sign("k", b'{"a": 1}', 1000)
+    verify(header, b'{"a": 1}', "k", now=1000)
+    with pytest.raises(Exception, match="does not match"):
+        verify(header, b'{"a":1}', "k", now=1000)
+
+
+# -- validation ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "payload, field, message",
+    [
+        ({"communityId": "c", "config": {"nope": 1}}, "config.nope", "unknown key"),
+        ({"communityId": "c", "config": {"beta": 0}}, "config.beta", "greater than 0"),
+        ({"communityId": "c", "config": {"epochs": 1000}}, "config.epochs", "less than or equal to 100"),
+        ({"communityId": "c", "config": {"learning_rate": "0.1"}}, "config.learning_rate", "valid number"),
+        ({"communityId": "c", "config": {"model": "../../etc"}}, "config.model", "expected one of"),
+        ({"communityId": "c", "config": {"loss": "${oc.env:DPO_WEBHOOK_SECRET}"}}, "config.loss", "expected one of"),
+        ({"communityId": "../x"}, "communityId", "should match pattern"),
+        ({"communityId": "a,b=c"}, "communityId", "should match pattern"),
+        ({"communityId": "x" * 129}, "communityId", "should match pattern"),
+        ({}, "communityId", "Field required"),
+        ({"communityId": "c", "extra": 1}, "extra", "unknown key"),
+        ({"communityId": "c", "dataset": "not a list"}, "dataset", "valid list"),
+        ({"communityId": "c", "dataset": [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}]}, "dataset[1].rejected", "record 1: field 'rejected': is required"),
+        ({"communityId": "c", "dataset": []}, "dataset", "no usable preference records"),
+        ({"communityId": "c", "callbackUrl": "http://evil.example/hook"}, "callbackUrl", "not in DPO_CALLBACK_ALLOWED_HOSTS"),
+    ],
+)
+def test_invalid_requests_are_422_naming_the_field_and_queue_nothing(client, payload, field, message):
+    before = count_jobs(client)
+    response = client.post("/trigger-finetune", payload)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and message in error["message"], error
+    assert count_jobs(client) == before
+
+
+# -- jobs API -----------------------------------------------------------------------------------
+def test_cancel_a_running_job(server, client, toy):
+    job_id = client.trigger("cancel-me", toy(256), {"epochs": 20}).json()["job_id"]
+    wait_for(client, job_id, states=("running",), step_at_least=2)
+    response = client.post(f"/jobs/{job_id}/cancel")
+    assert response.status_code == 200
+    job = wait_for(client, job_id)
+    assert job["status"] == "cancelled" and job["artifact"] is None
+    assert job["progress"]["step"] < job["progress"]["total_steps"]
+    assert not (Path(server.root) / "artifacts" / "cancel-me").exists() or not any((Path(server.root) / "artifacts" / "cancel-me").iterdir())
+    assert not (Path(server.root) / "data" / "work" / job_id).exists()
+    again = client.post(f"/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["message"] == "job already finished with status 'cancelled'"
+
+
+def test_cancel_a_queued_job_before_it_starts(client, toy):
+    blocker = client.trigger("blocker", toy(256), {"epochs": 20}).json()["job_id"]
+    queued = client.trigger("queued-one", toy(8), FAST).json()["job_id"]
+    assert client.get(f"/jobs/{queued}").json()["status"] == "queued"
+    assert client.post(f"/jobs/{queued}/cancel").json()["status"] == "cancelled"
+    client.post(f"/jobs/{blocker}/cancel")
+    wait_for(client, blocker)
+    job = client.get(f"/jobs/{queued}").json()
+    assert job["status"] == "cancelled" and job["started_at"] is None
+
+
+def test_idempotency_key(client, toy):
+    dataset = toy(8)
+    first = client.trigger("idem", dataset, FAST, headers={"Idempotency-Key": "key-1"})
+    second = client.trigger("idem", dataset, FAST, headers={"Idempotency-Key": "key-1"})
+    assert first.status_code == second.status_code == 202
+    assert first.json()["job_id"] == second.json()["job_id"]
+    conflict = client.trigger("idem", dataset[:4], FAST, headers={"Idempotency-Key": "key-1"})
+    assert conflict.status_code == 409
+    assert "Idempotency-Key was already used with a different request body" in conflict.json()["error"]["message"]
+    wait_for(client, first.json()["job_id"])
+
+
+def test_list_paginates_newest_first_and_filters(client, toy):
+    ids = [client.trigger("listing", toy(4), FAST).json()["job_id"] for _ in range(3)]
+    page1 = client.get("/jobs", params={"communityId": "listing", "limit": 2}).json()
+    assert [j["job_id"] for j in page1["jobs"]] == ids[::-1][:2] and page1["next_cursor"]
+    page2 = client.get("/jobs", params={"communityId": "listing", "limit": 2, "cursor": page1["next_cursor"]}).json()
+    assert [j["job_id"] for j in page2["jobs"]] == ids[:1] and page2["next_cursor"] is None
+    for job_id in ids:
+        wait_for(client, job_id)
+    done = client.get("/jobs", params={"communityId": "listing", "status": "succeeded"}).json()["jobs"]
+    assert {j["job_id"] for j in done} == set(ids)
+
+
+def test_unknown_and_malformed_job_ids(client):
+    assert client.get("/jobs/" + "0" * 32).status_code == 404
+    assert client.get("/jobs/..%2F..%2Fetc").status_code in (404, 422)
+    assert client.get("/jobs/not-a-job-id").status_code == 422
+
+
+def test_metrics_are_prometheus_text(server, client):
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("dpo_jobs{state=\"succeeded\"}", "dpo_queue_depth", "dpo_job_duration_seconds_bucket", "dpo_http_request_duration_seconds_bucket", "dpo_training_tokens_per_second"):
+        assert name in text, name
+
+
+def test_callback_is_signed_and_carries_the_final_record(server, client, toy):
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.headers.get(HEADER), body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{hook.server_port}/done"
+        response = client.post("/trigger-finetune", {"communityId": "callback", "dataset": toy(8), "config": FAST, "callbackUrl": url})
+        job_id = response.json()["job_id"]
+        wait_for(client, job_id)
+        deadline = time.time() + 30
+        while not received and time.time() < deadline:
+            time.sleep(0.1)
+        signature, body = received[0]
+        verify(signature, body, server.secret)
+        record = json.loads(body)
+        assert record["job_id"] == job_id and record["status"] == "succeeded" and record["artifact"]["uri"]
+    finally:
+        hook.shutdown()
+
+
+# -- process lifecycle --------------------------------------------------------------------------
+def test_refuses_to_start_without_a_secret(tmp_path):
+    srv = Server(tmp_path)
+    del srv.env["DPO_WEBHOOK_SECRET"]
+    with pytest.raises(RuntimeError, match="server exited"):
+        srv.start(timeout_s=30)
+    assert "DPO_WEBHOOK_SECRET is not set: refusing to start" in srv.log_tail()
+
+
+def test_allow_unsigned_starts_with_a_loud_warning(tmp_path):
+    srv = Server(tmp_path, env={"DPO_ALLOW_UNSIGNED": "1"})
+    del srv.env["DPO_WEBHOOK_SECRET"]
+    with srv:
+        assert httpx.get(srv.url + "/jobs").status_code == 200
+    assert "DPO_ALLOW_UNSIGNED=1: requests are NOT authenticated" in srv.log_tail()
+
+
+def test_restart_marks_a_job_left_running_as_interrupted(tmp_path, toy):
+    srv = Server(tmp_path)
+    srv.start()
+    client = Client(srv.url, srv.secret)
+    job_id = client.trigger("crash", toy(256), {"epochs": 20}).json()["job_id"]
+    wait_for(client, job_id, states=("running",), step_at_least=1)
+    srv.stop(sig=signal.SIGKILL)
+    assert any((tmp_path / "data" / "work").iterdir())  # the crash left its working directory
+    restarted = Server(tmp_path, secret=srv.secret)
+    with restarted:
+        job = Client(restarted.url, restarted.secret).get(f"/jobs/{job_id}").json()
+        assert job["status"] == "failed" and job["error"]["type"] == "interrupted"
+        assert not any((tmp_path / "data" / "work").iterdir())  # and the restart cleaned it up
+
+
+def test_sigterm_stops_the_running_job_at_a_step_boundary_and_records_it(tmp_path, toy):
+    srv = Server(tmp_path)
+    srv.start()
+    client = Client(srv.url, srv.secret)
+    job_id = client.trigger("term", toy(256), {"epochs": 20}).json()["job_id"]
+    wait_for(client, job_id, states=("running",), step_at_least=1)
+    started = time.time()
+    srv.stop(sig=signal.SIGTERM)
+    assert time.time() - started < 30
+    with Server(tmp_path, secret=srv.secret) as again:
+        job = Client(again.url, again.secret).get(f"/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"] == {"type": "interrupted", "message": "stopped by server shutdown"}
+
+
+# -- the subprocess path ------------------------------------------------------------------------
+def test_subprocess_mode_trains_end_to_end(tmp_path, toy):
+    with Server(tmp_path, env={"DPO_RUNNER_MODE": "subprocess"}) as srv:
+        client = Client(srv.url, srv.secret)
+        job = wait_for(client, client.trigger("sub", toy(64), {"epochs": 2}).json()["job_id"])
+        assert job["status"] == "succeeded", job["error"]
+        assert job["runner"] == "subprocess" and job["progress"]["percent"] == 100.0
+        assert (artifact_path(job) / "model.safetensors").exists()
+
+
+def test_falls_back_to_a_subprocess_when_the_in_process_trainer_cannot_import(tmp_path, toy):
+    # A broken `torch` shadows the real one in the server process only (not a mock of our code:
+    # the import genuinely fails); the subprocess gets a clean PYTHONPATH and trains for real.
+    broken = tmp_path / "broken"
+    (broken / "torch").mkdir(parents=True)
+    (broken / "torch" / "__init__.py").write_text("raise ImportError('simulated broken CUDA build')\n")
+    srv = Server(tmp_path / "srv")
+    srv.env["PYTHONPATH"] = f"{broken}{os.pathsep}{srv.env['PYTHONPATH']}"
+    with srv:
+        client = Client(srv.url, srv.secret)
+        job_id = client.trigger("fallback", toy(64), {"epochs": 2}).json()["job_id"]
+        job = wait_for(client, job_id)
+        assert job["status"] == "succeeded", job["error"]
+        warnings = [e for e in client.get(f"/jobs/{job_id}/events").json()["events"] if e["kind"] == "warning"]
+        assert "simulated broken CUDA build" in warnings[0]["data"]["message"]
+
+
+def test_subprocess_cancel_terminates_the_training_process(tmp_path, toy):
+    with Server(tmp_path, env={"DPO_RUNNER_MODE": "subprocess"}) as srv:
+        client = Client(srv.url, srv.secret)
+        job_id = client.trigger("subcancel", toy(256), {"epochs": 20}).json()["job_id"]
+        wait_for(client, job_id, states=("running",), step_at_least=2)
+        client.post(f"/jobs/{job_id}/cancel")
+        job = wait_for(client, job_id, timeout_s=60)
+        assert job["status"] == "cancelled" and job["artifact"] is None
+        assert not (tmp_path / "data" / "work" / job_id).exists()

@@ -1,0 +1,57 @@
+"""The whole pipeline on the embedded default: start the service on loopback with a generated
+secret and the local backends, send the toy dataset signed, follow the job to `succeeded`, print
+the artifact location and held-out accuracy, stop the server (by PID). Non-zero exit on failure.
+
+    python tools/toy_trigger.py [--root .cache/toy-service]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.serve import Server  # noqa: E402
+from tools.toy_data import toy_records  # noqa: E402
+from tools.trigger import Client  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".cache/toy-service", help="data, artifacts and server log go here")
+    parser.add_argument("--n", type=int, default=256)
+    args = parser.parse_args(argv)
+    server = Server(Path(args.root).resolve())
+    print(f"starting the service on {server.url} (log: {server.log_path})")
+    try:
+        server.start()
+        client = Client(server.url, server.secret)
+        response = client.trigger("toy-community", toy_records(args.n))
+        if response.status_code != 202:
+            print(f"trigger rejected: HTTP {response.status_code}: {response.text}", file=sys.stderr)
+            return 1
+        job_id = response.json()["job_id"]
+        print(f"job {job_id} queued")
+        job = client.follow(job_id, timeout_s=1800)
+        if job["status"] != "succeeded":
+            print(f"job {job_id} {job['status']}: {job['error']}\n{server.log_tail()}", file=sys.stderr)
+            return 1
+        accuracy = job["final_eval"].get("eval/rewards/accuracies")
+        print(f"job {job_id} succeeded")
+        print(f"held-out reward accuracy: {accuracy:.3f}")
+        print(f"artifact: {job['artifact']['uri']}")
+        print("files: " + ", ".join(job["artifact"]["files"]))
+        return 0
+    except Exception as err:
+        print(f"toy-trigger failed: {err}\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        if server.proc is not None:
+            server.stop()
+            print(f"server (pid {server.proc.pid}) stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
