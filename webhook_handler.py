@@ -131,6 +131,7 @@ async def trigger_finetune(
         "model": overrides.model if overrides else None,
         "loss": overrides.loss if overrides else None,
         "values": overrides.config_values() if overrides else {},
+        "source_options": {"since": payload.since.isoformat() if payload.since else None, "limit": payload.limit},
     }
     try:
         job, _ = await asyncio.to_thread(
@@ -223,6 +224,11 @@ def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+def _view_or_none(store: JobStore, job_id: str) -> dict | None:
+    job = store.get(job_id)
+    return job_view(job) if job else None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     if settings.webhook_secret is None and not settings.allow_unsigned:
@@ -236,16 +242,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         interrupted = store.fail_interrupted()
         if interrupted:
             log.warning("marked %d job(s) left running by a previous crash as failed (interrupted): %s", len(interrupted), interrupted)
-        source, artifacts = build_storage(settings)
-        app.state.settings, app.state.store, app.state.source, app.state.artifacts = settings, store, source, artifacts
+        storage = build_storage(settings)
+        mirror = None
+        if storage.firebase is not None:  # watch jobs live in Firestore dpo_jobs/{jobId}
+            from storage.firebase import FirestoreJobMirror
+
+            mirror = FirestoreJobMirror(storage.firebase, settings.firestore_jobs_collection, lambda job_id: _view_or_none(store, job_id))
+            store.add_listener(mirror.notify)
+        app.state.settings, app.state.store = settings, store
+        app.state.source, app.state.artifacts = storage.source, storage.artifacts
         app.state.metrics = Metrics(store)
-        app.state.runner = Runner(store, settings, source, artifacts, app.state.metrics)
+        app.state.runner = Runner(store, settings, storage.source, storage.artifacts, app.state.metrics)
         app.state.runner.start()
         try:
             yield
         finally:
             log.info("shutting down: stopping the runner")
             await asyncio.to_thread(app.state.runner.shutdown)
+            if mirror is not None:
+                await asyncio.to_thread(mirror.close)
             store.close()
 
     app = FastAPI(title="DPO fine-tuning microservice", version=__version__, lifespan=lifespan)

@@ -75,11 +75,22 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
+        self._listeners: list = []  # called (job id, state_change) after every change, e.g. the Firestore mirror
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+
+    def add_listener(self, callback) -> None:
+        self._listeners.append(callback)
+
+    def _changed(self, job_id: str, state_change: bool = True) -> None:
+        for callback in self._listeners:
+            try:
+                callback(job_id, state_change)
+            except Exception:  # a listener must never break the store
+                pass
 
     def close(self) -> None:
         with self._lock:
@@ -120,7 +131,8 @@ class JobStore:
                 ),
             )
             self._add_event(job_id, "state", {"status": "queued"})
-            return self.get(job_id), True
+        self._changed(job_id)
+        return self.get(job_id), True
 
     def get(self, job_id: str) -> dict | None:
         row = self._exec("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -164,7 +176,8 @@ class JobStore:
                 (time.time(), runner, row["id"]),
             )
             self._add_event(row["id"], "state", {"status": "running"})
-            return self.get(row["id"])
+        self._changed(row["id"])
+        return self.get(row["id"])
 
     def cancel_if_queued(self, job_id: str) -> bool:
         with self._lock:
@@ -176,13 +189,16 @@ class JobStore:
             )
             if cur.rowcount:
                 self._add_event(job_id, "state", {"status": "cancelled"})
-            return cur.rowcount == 1
+        if cur.rowcount:
+            self._changed(job_id)
+        return cur.rowcount == 1
 
     def set_progress(self, job_id: str, progress: dict, metrics: dict | None = None) -> None:
         if metrics is None:
             self._exec("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
         else:
             self._exec("UPDATE jobs SET progress = ?, metrics = ? WHERE id = ?", (json.dumps(progress), json.dumps(metrics), job_id))
+        self._changed(job_id, state_change=False)
 
     def finish(
         self,
@@ -219,7 +235,8 @@ class JobStore:
             if error_type:
                 data["error"] = {"type": error_type, "message": error_message}
             self._add_event(job_id, "state", data)
-            return self.get(job_id)
+        self._changed(job_id)
+        return self.get(job_id)
 
     def fail_interrupted(self) -> list[str]:
         """At startup: jobs a crash left 'running' are failed with reason 'interrupted'."""

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -143,7 +144,9 @@ class Runner:
                 outcome = {"status": "cancelled", "error_type": "cancelled", "error_message": "cancelled while running"}
             else:
                 outcome = {"status": "failed", "error_type": "interrupted", "error_message": "stopped by server shutdown"}
-        except (SourceError, RecordError) as err:
+        except SourceError as err:
+            outcome = {"status": "failed", "error_type": "source_error", "error_message": str(err)}
+        except RecordError as err:
             outcome = {"status": "failed", "error_type": "invalid_data", "error_message": str(err)}
         except StorageError as err:
             outcome = {"status": "failed", "error_type": "storage_error", "error_message": str(err)}
@@ -170,7 +173,11 @@ class Runner:
             records = self.store.dataset(job_id) or []
             ids = None
         else:
-            records, ids = self.source.fetch(community)
+            options = job["config"].get("source_options") or {}
+            since = datetime.fromisoformat(options["since"]) if options.get("since") else None
+            if since is not None and since.tzinfo is None:
+                since = since.replace(tzinfo=UTC)  # a naive time means UTC
+            records, ids = self.source.fetch(community, since=since, limit=options.get("limit"))
         pairs, _ = normalise_records(records, ids=ids)  # bad data fails here, in either mode
         self.store.add_event(job_id, "data", {"records": len(records), "pairs": len(pairs)})
         overrides = job["config"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from training.config import available
 
@@ -62,6 +63,14 @@ class TriggerRequest(BaseModel):
     dataset: list[Any] | None = Field(None, description="inline records in any accepted format; absent: the preference source")
     config: TrainOverrides | None = None
     callbackUrl: str | None = Field(None, max_length=2048, description="signed POST of the final job record")
+    since: datetime | None = Field(None, description="source records only: createdAt >= since")
+    limit: int | None = Field(None, ge=1, le=1_000_000, description="source records only: at most this many")
+
+    @model_validator(mode="after")
+    def _source_options_need_the_source(self):
+        if self.dataset is not None and (self.since is not None or self.limit is not None):
+            raise ValueError("since/limit apply to records from the preference source, not to an inline dataset")
+        return self
 
 
 class QueuedResponse(BaseModel):

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -30,6 +30,17 @@ class Settings(BaseSettings):
     storage_backend: Literal["local", "firebase"] = "local"
     preferences_dir: Path = Path("data/preferences")  # local source: <dir>/<communityId>.jsonl|.json
     artifacts_dir: Path = Path("artifacts")  # local store: <dir>/<communityId>/<jobId>/
+
+    # Firebase (DPO_STORAGE_BACKEND=firebase). Credentials: GOOGLE_APPLICATION_CREDENTIALS or
+    # DPO_FIREBASE_CREDENTIALS (a service-account key path); anonymous against the emulators.
+    firebase_credentials: Path | None = None
+    firebase_project_id: str | None = Field(None, validation_alias=AliasChoices("DPO_FIREBASE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"))
+    firebase_storage_bucket: str | None = None
+    firestore_preferences_path: str = "communities/{communityId}/preferences"
+    firestore_jobs_collection: str = "dpo_jobs"
+    firestore_page_size: int = Field(500, ge=1, le=10000)
+    artifacts_prefix: str = "policies/{communityId}/{jobId}/"
+    storage_retry_deadline_s: float = Field(60.0, gt=0)  # transient Cloud Storage errors are retried this long
 
     @field_validator("callback_allowed_hosts", mode="before")
     @classmethod

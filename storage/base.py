@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,8 +25,8 @@ class StoredArtifact:
 class PreferenceSource(Protocol):
     name: str
 
-    def fetch(self, community_id: str) -> tuple[list[Any], list[str]]:
-        """All records of a community and an id for each (for error messages)."""
+    def fetch(self, community_id: str, since: datetime | None = None, limit: int | None = None) -> tuple[list[Any], list[str]]:
+        """The community's records (createdAt >= since, at most limit) and an id for each (for error messages)."""
 
     def check(self) -> str | None:
         """None when reachable, else what is wrong (for /ready)."""

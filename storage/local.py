@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ class LocalPreferenceSource:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def fetch(self, community_id: str) -> tuple[list[Any], list[str]]:
+    def fetch(self, community_id: str, since: datetime | None = None, limit: int | None = None) -> tuple[list[Any], list[str]]:
         for suffix in (".jsonl", ".json"):
             path = self.root / f"{community_id}{suffix}"
             if path.is_file():
@@ -26,13 +27,28 @@ class LocalPreferenceSource:
                     records = load_records_file(str(path))
                 except (RecordError, UnicodeDecodeError, ValueError) as err:
                     raise SourceError(f"{path.name}: {err}") from None
+                ids = [f"{path.name}:{i}" for i in range(len(records))]
+                if since is not None:  # like Firestore's where(createdAt >= since): records without it drop out
+                    keep = [i for i, r in enumerate(records) if _created_at(r) is not None and _created_at(r) >= since]
+                    records, ids = [records[i] for i in keep], [ids[i] for i in keep]
+                if limit is not None:
+                    records, ids = records[:limit], ids[:limit]
                 if not records:
-                    raise SourceError(f"no preference records for community '{community_id}' ({path.name} is empty)")
-                return records, [f"{path.name}:{i}" for i in range(len(records))]
+                    raise SourceError(f"no preference records for community '{community_id}' ({path.name} has none that match)")
+                return records, ids
         raise SourceError(f"no preference records for community '{community_id}' (no {community_id}.jsonl or .json in the data directory)")
 
     def check(self) -> str | None:
         return None if self.root.is_dir() or not self.root.exists() else f"{self.root} is not a directory"
+
+
+def _created_at(record: Any) -> datetime | None:
+    value = record.get("createdAt") if isinstance(record, dict) else None
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=parsed.tzinfo or UTC) if parsed else None
 
 
 class LocalArtifactStore:

@@ -50,3 +50,29 @@ def toy():
     from tools.toy_data import toy_records
 
     return toy_records
+
+
+@pytest.fixture(scope="session")
+def emulators(tmp_path_factory):
+    """The real Cloud Firestore emulator and fake-gcs-server on free loopback ports, for the
+    whole session; stopped by PID at the end. A missing emulator is a failure, not a skip."""
+    from tools.emulators import EmulatorMissing, Emulators
+
+    emu = Emulators(tmp_path_factory.mktemp("emulators"))
+    try:
+        emu.start_firestore()
+        emu.start_gcs()
+    except EmulatorMissing as err:
+        emu.stop()
+        pytest.fail(str(err), pytrace=False)
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture
+def firebase_env(emulators, monkeypatch):
+    """Emulator variables in this process's environment, and empty emulators for each test."""
+    emulators.reset()
+    for key, value in emulators.env.items():
+        monkeypatch.setenv(key, value)
+    return emulators.env

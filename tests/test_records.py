@@ -23,6 +23,11 @@ def test_ranked_format_expands_every_comparison():
     assert all(p.prompt == "2+3?" for p in pairs)
 
 
+def test_ranked_pairs_as_objects_the_firestore_form():
+    record = {"prompt": "2+3?", "responses": ["5", "6"], "pairs": [{"preferred": 0, "rejected": 1}]}
+    assert [(p.chosen, p.rejected) for p in normalise_record(record)] == [("5", "6")]
+
+
 def test_chat_format_keeps_the_conversation():
     record = {
         "input": {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]},

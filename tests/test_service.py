@@ -83,7 +83,7 @@ def test_records_from_the_local_preference_source(server, client, toy):
 def test_empty_community_fails_with_a_clear_message(client):
     job = wait_for(client, client.trigger("nobody-here", config=FAST).json()["job_id"])
     assert job["status"] == "failed"
-    assert job["error"]["type"] == "invalid_data" and "no preference records for community 'nobody-here'" in job["error"]["message"]
+    assert job["error"]["type"] == "source_error" and "no preference records for community 'nobody-here'" in job["error"]["message"]
 
 
 def test_wait_true_answers_in_the_old_synchronous_shape(client, toy):

@@ -3,6 +3,7 @@
 Three formats (see datasets/preference_record.schema.json):
   pairs   {"prompt", "chosen", "rejected"}
   ranked  {"prompt", "responses": [..], "pairs": [[preferred, rejected], ..], "sft_target"?}
+          (each pair may also be {"preferred": i, "rejected": j}: Firestore cannot nest arrays)
   chat    {"input": {"messages": [..]}, "preferred_output": [msg], "non_preferred_output": [msg]}
 
 Validation errors name the record (its index, or the id the caller gave it) and the field.
@@ -95,12 +96,14 @@ def _ranked_record(record: dict, rid: int | str) -> list[PreferencePair]:
     out = []
     for k, pair in enumerate(comparisons):
         field = f"pairs[{k}]"
+        if isinstance(pair, dict):  # Firestore cannot store nested arrays: {"preferred": i, "rejected": j}
+            pair = [pair.get("preferred"), pair.get("rejected")]
         if (
             not isinstance(pair, list | tuple)
             or len(pair) != 2
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)
         ):
-            raise RecordError(rid, field, "expected [preferred_index, rejected_index] (two integers)")
+            raise RecordError(rid, field, "expected [preferred_index, rejected_index] or {preferred, rejected} (two integers)")
         good, bad = pair
         for i in (good, bad):
             if not 0 <= i < len(responses):

@@ -1,0 +1,73 @@
+"""Download a job's artifact from Cloud Storage by job id and verify it against its manifest.
+
+    python tools/download_artifact.py JOB_ID --out ./policy [--community demo]
+
+The job's community is read from its Firestore mirror (dpo_jobs/{jobId}) unless given. Refuses an
+artifact without manifest.json (an upload that never completed) and checks every file's sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.settings import Settings  # noqa: E402
+from storage.firebase import FirebaseClients  # noqa: E402
+from storage.manifest import MANIFEST  # noqa: E402
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def download(clients: FirebaseClients, settings: Settings, job_id: str, out: Path, community: str | None = None) -> dict:
+    """Fetch every file listed in the manifest into `out`; returns the manifest."""
+    if not re.fullmatch(r"[0-9a-f]{32}", job_id):
+        raise DownloadError(f"not a job id: {job_id!r}")
+    if community is None:
+        doc = clients.firestore().collection(settings.firestore_jobs_collection).document(job_id).get()
+        if not doc.exists:
+            raise DownloadError(f"job {job_id} not found in {settings.firestore_jobs_collection}; pass --community")
+        community = doc.to_dict()["community_id"]
+    prefix = settings.artifacts_prefix.format(communityId=community, jobId=job_id)
+    bucket = clients.bucket()
+    manifest_blob = bucket.blob(prefix + MANIFEST)
+    if not manifest_blob.exists():
+        raise DownloadError(f"no {MANIFEST} at gs://{bucket.name}/{prefix}: the artifact is missing or incomplete")
+    manifest = json.loads(manifest_blob.download_as_bytes())
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in manifest["files"]:
+        target = out / entry["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        bucket.blob(prefix + entry["path"]).download_to_filename(str(target))
+        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        if digest != entry["sha256"]:
+            raise DownloadError(f"{entry['path']}: sha256 {digest} does not match the manifest's {entry['sha256']}")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("job_id")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--community", default=None)
+    args = parser.parse_args(argv)
+    settings = Settings()
+    try:
+        manifest = download(FirebaseClients.from_settings(settings), settings, args.job_id, Path(args.out), args.community)
+    except DownloadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"downloaded {len(manifest['files'])} files of job {args.job_id} to {args.out} (sha256 verified)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
