@@ -1,4 +1,4 @@
-# DPO fine-tuning microservice. `make help` lists the targets.
+# DPO fine-tuning microservice. `make help` lists the targets; every target installs what it needs.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -8,6 +8,9 @@ PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 PYTHON3 ?= python3
 OUT     ?= .cache/runs/toy
+IMAGE   ?= dpo-microservice
+TAG     ?= latest
+LABEL   := org.dpo-microservice.project=dpo-microservice
 
 export PYTHONPATH := $(CURDIR)
 export HF_HUB_OFFLINE := 1
@@ -24,8 +27,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PIP) install --quiet -r requirements-dev.txt
 	@touch $(STAMP)
 
+## -- setup ------------------------------------------------------------------------------------
 .PHONY: setup
-setup: $(STAMP) ## Create .venv/ and install pinned requirements (runtime + dev)
+setup: $(STAMP) ## Create .venv/ and install the pinned requirements (runtime + dev)
 
 .PHONY: install
 install: ## Reinstall the pinned requirements into .venv/
@@ -36,27 +40,34 @@ install: ## Reinstall the pinned requirements into .venv/
 validate-structure: setup ## Import every package and compose every model x loss config
 	$(PY) tools/validate_structure.py
 
+## -- quality ----------------------------------------------------------------------------------
 .PHONY: test
 test: setup ## Run the whole test suite (CPU; slow and emulator tests included)
 	$(PY) -m pytest
 
+.PHONY: test-api
+test-api: setup ## Only the HTTP API tests (real uvicorn servers on loopback)
+	$(PY) -m pytest tests/test_service.py
+
 .PHONY: lint
-lint: setup ## Ruff on the code
+lint: setup ## Ruff (lint + format check) and hadolint on the Dockerfile
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 .PHONY: format
-format: setup ## Format the code with ruff
+format: setup ## Format and fix the code with ruff
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+## -- the pipeline -----------------------------------------------------------------------------
 .PHONY: toy-data
 toy-data: setup ## Write the toy preference set in all three formats to .cache/toy/
 	$(PY) tools/toy_data.py --n 256 --out-dir .cache/toy
 
 .PHONY: toy-train
 toy-train: toy-data ## Train the tiny model on the toy set via the CLI; prints held-out accuracy and artifact path
-	$(PY) -m training data.path=.cache/toy/pairs.jsonl output_dir=$(OUT) | grep -v '^@progress'
+	set -o pipefail; $(PY) -m training data.path=.cache/toy/pairs.jsonl output_dir=$(OUT) | grep -v '^@progress'
 
 .PHONY: toy-trigger
 toy-trigger: setup ## The whole pipeline: server on loopback, signed toy trigger, job followed to success, server stopped
@@ -66,11 +77,39 @@ toy-trigger: setup ## The whole pipeline: server on loopback, signed toy trigger
 api: setup ## Run the service on :8000 (needs DPO_WEBHOOK_SECRET, or DPO_ALLOW_UNSIGNED=1 for local experiments)
 	$(VENV)/bin/uvicorn webhook_handler:app --host $${HOST:-0.0.0.0} --port $${PORT:-8000}
 
-.PHONY: test-api
-test-api: setup ## Only the HTTP API tests (real uvicorn servers on loopback)
-	$(PY) -m pytest tests/test_service.py
+.PHONY: emulators
+emulators: setup ## Start the Firestore emulator and fake-gcs-server on loopback; prints the variables to export
+	$(PY) tools/emulators.py
 
+## -- docker -----------------------------------------------------------------------------------
+.PHONY: docker-build
+docker-build: ## Build the production image $(IMAGE):$(TAG)
+	docker build --label $(LABEL) -t $(IMAGE):$(TAG) .
+
+.PHONY: docker-run
+docker-run: ## Run the image on :8000 with a data volume (needs DPO_WEBHOOK_SECRET in the environment)
+	@test -n "$$DPO_WEBHOOK_SECRET" || { echo "set DPO_WEBHOOK_SECRET first"; exit 1; }
+	docker run --rm --label $(LABEL) --name $(IMAGE) -p 8000:8000 -e DPO_WEBHOOK_SECRET \
+	    -v $(IMAGE)-data:/data $$( [ -n "$$GPU" ] && echo --gpus all ) $(IMAGE):$(TAG)
+
+.PHONY: docker-smoke
+docker-smoke: setup ## Build, run with a generated secret, wait for healthy, send the toy trigger, check success, remove
+	bash tools/docker_smoke.sh $(IMAGE):$(TAG) "$(LABEL)"
+
+.PHONY: docker-clean
+docker-clean: ## Remove this project's containers and images only (never a system-wide prune)
+	-docker ps -aq --filter label=$(LABEL) | xargs -r docker rm -f
+	-docker images -q --filter label=$(LABEL) | sort -u | xargs -r docker rmi -f
+
+## -- housekeeping -----------------------------------------------------------------------------
 .PHONY: clean
-clean: ## Remove caches and build outputs (never .cache/toy inputs you edited, never data/)
-	rm -rf .pytest_cache .ruff_cache .cache/runs .cache/models .cache/toy-service bench-results
+clean: ## Remove caches and build outputs (never data/, artifacts/ or anything you put in)
+	rm -rf .pytest_cache .ruff_cache .cache/runs .cache/models .cache/toy .cache/toy-service bench-results
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+.PHONY: validate-workflow
+validate-workflow: ## setup, lint, test and toy-trigger, in that order
+	$(MAKE) --no-print-directory setup
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory test
+	$(MAKE) --no-print-directory toy-trigger

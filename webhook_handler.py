@@ -57,7 +57,9 @@ async def require_signature(request: Request) -> bytes:
     body = await request.body()
     if settings.webhook_secret is None:  # only possible with DPO_ALLOW_UNSIGNED=1
         return body
-    verify(request.headers.get(HEADER), body, settings.webhook_secret.get_secret_value(), settings.signature_tolerance_s)
+    verify(
+        request.headers.get(HEADER), body, settings.webhook_secret.get_secret_value(), settings.signature_tolerance_s
+    )
     return body
 
 
@@ -215,7 +217,14 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         details.append({"field": field, "message": message})
     first = details[0] if details else {"field": "body", "message": "invalid request"}
     return JSONResponse(
-        {"error": {"code": "validation_error", "message": f"{first['field']}: {first['message']}", "field": first["field"], "details": details}},
+        {
+            "error": {
+                "code": "validation_error",
+                "message": f"{first['field']}: {first['message']}",
+                "field": first["field"],
+                "details": details,
+            }
+        },
         status_code=422,
     )
 
@@ -232,7 +241,9 @@ def _view_or_none(store: JobStore, job_id: str) -> dict | None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     if settings.webhook_secret is None and not settings.allow_unsigned:
-        raise RuntimeError("DPO_WEBHOOK_SECRET is not set: refusing to start (set DPO_ALLOW_UNSIGNED=1 only for local experiments)")
+        raise RuntimeError(
+            "DPO_WEBHOOK_SECRET is not set: refusing to start (set DPO_ALLOW_UNSIGNED=1 only for local experiments)"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -241,13 +252,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = JobStore(settings.job_db_path)
         interrupted = store.fail_interrupted()
         if interrupted:
-            log.warning("marked %d job(s) left running by a previous crash as failed (interrupted): %s", len(interrupted), interrupted)
+            log.warning(
+                "marked %d job(s) left running by a previous crash as failed (interrupted): %s",
+                len(interrupted),
+                interrupted,
+            )
         storage = build_storage(settings)
         mirror = None
         if storage.firebase is not None:  # watch jobs live in Firestore dpo_jobs/{jobId}
             from storage.firebase import FirestoreJobMirror
 
-            mirror = FirestoreJobMirror(storage.firebase, settings.firestore_jobs_collection, lambda job_id: _view_or_none(store, job_id))
+            mirror = FirestoreJobMirror(
+                storage.firebase, settings.firestore_jobs_collection, lambda job_id: _view_or_none(store, job_id)
+            )
             store.add_listener(mirror.notify)
         app.state.settings, app.state.store = settings, store
         app.state.source, app.state.artifacts = storage.source, storage.artifacts
@@ -275,7 +292,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         path = getattr(route, "path", "unmatched")
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
-            metrics.request_latency.labels(request.method, path, str(response.status_code)).observe(time.perf_counter() - started)
+            metrics.request_latency.labels(request.method, path, str(response.status_code)).observe(
+                time.perf_counter() - started
+            )
         return response
 
     app.include_router(router)

@@ -23,8 +23,10 @@ def check_callback_url(url: str, allowed_hosts: list[str]) -> None:
         raise ServiceError(422, "validation_error", "callbackUrl: expected an http(s) URL", field="callbackUrl")
     if parts.hostname.lower() not in allowed_hosts:
         raise ServiceError(
-            422, "validation_error",
-            f"callbackUrl: host '{parts.hostname}' is not in DPO_CALLBACK_ALLOWED_HOSTS", field="callbackUrl",
+            422,
+            "validation_error",
+            f"callbackUrl: host '{parts.hostname}' is not in DPO_CALLBACK_ALLOWED_HOSTS",
+            field="callbackUrl",
         )
 
 
@@ -39,9 +41,21 @@ def send_callback(url: str, record: dict, secret: str | None, retries: int = 4, 
             response = httpx.post(url, content=body, headers=headers, timeout=timeout_s)
             if response.status_code < 300:
                 return True
-            log.warning("callback for job %s: HTTP %s (attempt %d/%d)", record.get("job_id"), response.status_code, attempt, retries)
+            log.warning(
+                "callback for job %s: HTTP %s (attempt %d/%d)",
+                record.get("job_id"),
+                response.status_code,
+                attempt,
+                retries,
+            )
         except httpx.HTTPError as err:
-            log.warning("callback for job %s failed: %s (attempt %d/%d)", record.get("job_id"), type(err).__name__, attempt, retries)
+            log.warning(
+                "callback for job %s failed: %s (attempt %d/%d)",
+                record.get("job_id"),
+                type(err).__name__,
+                attempt,
+                retries,
+            )
         if attempt < retries:
             time.sleep(delay)
             delay *= 2
@@ -49,6 +63,8 @@ def send_callback(url: str, record: dict, secret: str | None, retries: int = 4, 
 
 
 def send_callback_later(url: str, record: dict, secret: str | None, retries: int, timeout_s: float) -> threading.Thread:
-    thread = threading.Thread(target=send_callback, args=(url, record, secret, retries, timeout_s), daemon=True, name="callback")
+    thread = threading.Thread(
+        target=send_callback, args=(url, record, secret, retries, timeout_s), daemon=True, name="callback"
+    )
     thread.start()
     return thread

@@ -126,8 +126,16 @@ class JobStore:
                 "INSERT INTO jobs (id, community_id, status, created_at, source, dataset, records, config, callback_url,"
                 " idempotency_key, body_sha256) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    job_id, community_id, now, source, None if dataset is None else json.dumps(dataset), records,
-                    json.dumps(config), callback_url, idempotency_key, body_sha256,
+                    job_id,
+                    community_id,
+                    now,
+                    source,
+                    None if dataset is None else json.dumps(dataset),
+                    records,
+                    json.dumps(config),
+                    callback_url,
+                    idempotency_key,
+                    body_sha256,
                 ),
             )
             self._add_event(job_id, "state", {"status": "queued"})
@@ -142,7 +150,9 @@ class JobStore:
         row = self._exec("SELECT dataset FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return json.loads(row["dataset"]) if row and row["dataset"] else None
 
-    def list(self, community_id: str | None = None, status: str | None = None, limit: int = 50, cursor: int | None = None):
+    def list(
+        self, community_id: str | None = None, status: str | None = None, limit: int = 50, cursor: int | None = None
+    ):
         """Newest first. Returns (jobs, next_cursor); the cursor is the last row's sequence number."""
         where, args = [], []
         if community_id:
@@ -197,7 +207,10 @@ class JobStore:
         if metrics is None:
             self._exec("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
         else:
-            self._exec("UPDATE jobs SET progress = ?, metrics = ? WHERE id = ?", (json.dumps(progress), json.dumps(metrics), job_id))
+            self._exec(
+                "UPDATE jobs SET progress = ?, metrics = ? WHERE id = ?",
+                (json.dumps(progress), json.dumps(metrics), job_id),
+            )
         self._changed(job_id, state_change=False)
 
     def finish(
@@ -243,7 +256,12 @@ class JobStore:
         with self._lock:
             ids = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()]
             for job_id in ids:
-                self.finish(job_id, "failed", error_type="interrupted", error_message="the server stopped while this job was running")
+                self.finish(
+                    job_id,
+                    "failed",
+                    error_type="interrupted",
+                    error_message="the server stopped while this job was running",
+                )
             return ids
 
     # -- events --------------------------------------------------------------------------
@@ -260,7 +278,8 @@ class JobStore:
 
     def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[dict]:
         rows = self._exec(
-            "SELECT seq, ts, kind, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, after, limit)
+            "SELECT seq, ts, kind, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (job_id, after, limit),
         ).fetchall()
         return [{"seq": r["seq"], "ts": r["ts"], "kind": r["kind"], "data": json.loads(r["data"])} for r in rows]
 

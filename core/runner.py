@@ -52,7 +52,13 @@ def load_inprocess_trainer():
 
 class Runner:
     def __init__(self, store, settings, source, artifacts, metrics=None):
-        self.store, self.settings, self.source, self.artifacts, self.metrics = store, settings, source, artifacts, metrics
+        self.store, self.settings, self.source, self.artifacts, self.metrics = (
+            store,
+            settings,
+            source,
+            artifacts,
+            metrics,
+        )
         self.mode = settings.runner_mode  # auto | inprocess | subprocess
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -143,7 +149,11 @@ class Runner:
             if self._stop_requests.get(job_id) == "cancel":
                 outcome = {"status": "cancelled", "error_type": "cancelled", "error_message": "cancelled while running"}
             else:
-                outcome = {"status": "failed", "error_type": "interrupted", "error_message": "stopped by server shutdown"}
+                outcome = {
+                    "status": "failed",
+                    "error_type": "interrupted",
+                    "error_message": "stopped by server shutdown",
+                }
         except SourceError as err:
             outcome = {"status": "failed", "error_type": "source_error", "error_message": str(err)}
         except RecordError as err:
@@ -152,7 +162,11 @@ class Runner:
             outcome = {"status": "failed", "error_type": "storage_error", "error_message": str(err)}
         except Exception as err:
             log.exception("job %s failed", job_id)
-            outcome = {"status": "failed", "error_type": "training_error", "error_message": f"{type(err).__name__}: {err}"[:2000]}
+            outcome = {
+                "status": "failed",
+                "error_type": "training_error",
+                "error_message": f"{type(err).__name__}: {err}"[:2000],
+            }
         finally:
             shutil.rmtree(work, ignore_errors=True)
             with self._lock:
@@ -165,7 +179,13 @@ class Runner:
             self.metrics.jobs_finished.labels(status).inc()
         if job.get("callback_url"):
             secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else None
-            send_callback_later(job["callback_url"], job_view(final), secret, self.settings.callback_retries, self.settings.callback_timeout_s)
+            send_callback_later(
+                job["callback_url"],
+                job_view(final),
+                secret,
+                self.settings.callback_retries,
+                self.settings.callback_timeout_s,
+            )
 
     def _execute(self, job: dict, work: Path) -> dict:
         job_id, community = job["id"], job["community_id"]
@@ -181,7 +201,9 @@ class Runner:
         pairs, _ = normalise_records(records, ids=ids)  # bad data fails here, in either mode
         self.store.add_event(job_id, "data", {"records": len(records), "pairs": len(pairs)})
         overrides = job["config"]
-        cfg = compose_config(overrides.get("model") or "tiny", overrides.get("loss") or "dpo", overrides.get("values", {}))
+        cfg = compose_config(
+            overrides.get("model") or "tiny", overrides.get("loss") or "dpo", overrides.get("values", {})
+        )
         out_dir = work / "output"
         progress = ProgressRecorder(self.store, job_id, self.metrics)
 
@@ -189,12 +211,16 @@ class Runner:
         if self.mode != "subprocess":
             try:
                 run_training, cancelled_type = load_inprocess_trainer()
-                result = self._train_inprocess(run_training, cancelled_type, cfg, records, ids, out_dir, progress, job_id)
+                result = self._train_inprocess(
+                    run_training, cancelled_type, cfg, records, ids, out_dir, progress, job_id
+                )
             except InProcessUnavailable as err:
                 if self.mode == "inprocess":
                     raise
                 log.warning("in-process training unavailable (%s); running job %s in a subprocess", err, job_id)
-                self.store.add_event(job_id, "warning", {"message": f"in-process trainer unavailable, using a subprocess: {err}"})
+                self.store.add_event(
+                    job_id, "warning", {"message": f"in-process trainer unavailable, using a subprocess: {err}"}
+                )
         if result is None:
             result = self._train_subprocess(cfg, records, work, out_dir, progress, job_id)
 
@@ -203,20 +229,34 @@ class Runner:
         final_eval = result.get("final_eval", {})
         stored = self.artifacts.save(out_dir, community, job_id, manifest_extra={"final_eval": final_eval})
         return {
-            "status": "succeeded", "final_eval": final_eval, "artifact_uri": stored.uri, "artifact_files": stored.files,
-            "records": len(records), "metrics": result.get("final_train", {}),
+            "status": "succeeded",
+            "final_eval": final_eval,
+            "artifact_uri": stored.uri,
+            "artifact_files": stored.files,
+            "records": len(records),
+            "metrics": result.get("final_train", {}),
         }
 
     def _train_inprocess(self, run_training, cancelled_type, cfg, records, ids, out_dir, progress, job_id) -> dict:
         try:
-            result = run_training(cfg, records, out_dir, on_progress=progress, should_stop=lambda: self._should_stop(job_id), record_ids=ids)
+            result = run_training(
+                cfg,
+                records,
+                out_dir,
+                on_progress=progress,
+                should_stop=lambda: self._should_stop(job_id),
+                record_ids=ids,
+            )
         except cancelled_type:
             raise Stopped() from None
         except (ImportError, OSError) as err:
             if progress.steps_seen == 0 and not isinstance(err, FileNotFoundError):
                 raise InProcessUnavailable(f"{type(err).__name__}: {err}") from err
             raise
-        return {"final_eval": result.metrics.get("final_eval", {}), "final_train": result.metrics.get("final_train", {})}
+        return {
+            "final_eval": result.metrics.get("final_eval", {}),
+            "final_train": result.metrics.get("final_train", {}),
+        }
 
     def _train_subprocess(self, cfg, records, work: Path, out_dir: Path, progress, job_id) -> dict:
         data_path = work / "dataset.jsonl"
@@ -232,7 +272,9 @@ class Runner:
         (work / "job.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job_cfg)))
         command = [sys.executable, "-m", "training", "--config-path", str(work), "--config-name", "job"]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         with self._lock:
             self._procs[job_id] = proc
             if self._should_stop(job_id):
@@ -240,18 +282,22 @@ class Runner:
         result, error, tail = None, None, []
         for line in proc.stdout:
             if line.startswith("@progress "):
-                progress(json.loads(line[len("@progress "):]))
+                progress(json.loads(line[len("@progress ") :]))
             elif line.startswith("@result "):
-                result = json.loads(line[len("@result "):])
+                result = json.loads(line[len("@result ") :])
             elif line.startswith("@error "):
-                error = json.loads(line[len("@error "):])
+                error = json.loads(line[len("@error ") :])
             else:
                 tail = (tail + [line.rstrip()])[-20:]
         code = proc.wait()
         if self._should_stop(job_id) and code != 0:
             raise Stopped()
         if error is not None:
-            raise RecordError("-", "dataset", error["message"]) if error["type"] == "invalid_data" else RuntimeError(error["message"])
+            raise (
+                RecordError("-", "dataset", error["message"])
+                if error["type"] == "invalid_data"
+                else RuntimeError(error["message"])
+            )
         if code != 0 or result is None:
             if code < 0:
                 raise RuntimeError(f"training subprocess killed by {signal.Signals(-code).name}")

@@ -60,7 +60,9 @@ class TriggerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     communityId: str = Field(pattern=COMMUNITY_ID_PATTERN, description="the community whose preferences to train on")
-    dataset: list[Any] | None = Field(None, description="inline records in any accepted format; absent: the preference source")
+    dataset: list[Any] | None = Field(
+        None, description="inline records in any accepted format; absent: the preference source"
+    )
     config: TrainOverrides | None = None
     callbackUrl: str | None = Field(None, max_length=2048, description="signed POST of the final job record")
     since: datetime | None = Field(None, description="source records only: createdAt >= since")

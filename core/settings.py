@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     # Firebase (DPO_STORAGE_BACKEND=firebase). Credentials: GOOGLE_APPLICATION_CREDENTIALS or
     # DPO_FIREBASE_CREDENTIALS (a service-account key path); anonymous against the emulators.
     firebase_credentials: Path | None = None
-    firebase_project_id: str | None = Field(None, validation_alias=AliasChoices("DPO_FIREBASE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"))
+    firebase_project_id: str | None = Field(
+        None, validation_alias=AliasChoices("DPO_FIREBASE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT")
+    )
     firebase_storage_bucket: str | None = None
     firestore_preferences_path: str = "communities/{communityId}/preferences"
     firestore_jobs_collection: str = "dpo_jobs"

@@ -7,7 +7,15 @@ from typing import Any
 
 from storage.base import ArtifactStore, PreferenceSource, SourceError, StorageError, StoredArtifact
 
-__all__ = ["ArtifactStore", "PreferenceSource", "SourceError", "Storage", "StorageError", "StoredArtifact", "build_storage"]
+__all__ = [
+    "ArtifactStore",
+    "PreferenceSource",
+    "SourceError",
+    "Storage",
+    "StorageError",
+    "StoredArtifact",
+    "build_storage",
+]
 
 
 @dataclass

@@ -25,7 +25,9 @@ class StoredArtifact:
 class PreferenceSource(Protocol):
     name: str
 
-    def fetch(self, community_id: str, since: datetime | None = None, limit: int | None = None) -> tuple[list[Any], list[str]]:
+    def fetch(
+        self, community_id: str, since: datetime | None = None, limit: int | None = None
+    ) -> tuple[list[Any], list[str]]:
         """The community's records (createdAt >= since, at most limit) and an id for each (for error messages)."""
 
     def check(self) -> str | None:

@@ -24,8 +24,15 @@ from storage.manifest import MANIFEST, build_manifest
 log = logging.getLogger(__name__)
 
 RESUMABLE_THRESHOLD = 8 * 1024 * 1024  # larger files go up in resumable 8 MiB chunks
-CONTENT_TYPES = {".safetensors": "application/octet-stream", ".json": "application/json", ".yaml": "text/yaml",
-                 ".jinja": "text/plain", ".png": "image/png", ".txt": "text/plain", ".model": "application/octet-stream"}
+CONTENT_TYPES = {
+    ".safetensors": "application/octet-stream",
+    ".json": "application/json",
+    ".yaml": "text/yaml",
+    ".jinja": "text/plain",
+    ".png": "image/png",
+    ".txt": "text/plain",
+    ".model": "application/octet-stream",
+}
 
 
 def using_emulators() -> bool:
@@ -108,7 +115,9 @@ class FirestorePreferenceSource:
     def collection_path(self, community_id: str) -> str:
         return self.path_template.format(communityId=community_id)
 
-    def iter_documents(self, community_id: str, since: dt.datetime | None = None, limit: int | None = None) -> Iterator[tuple[str, dict]]:
+    def iter_documents(
+        self, community_id: str, since: dt.datetime | None = None, limit: int | None = None
+    ) -> Iterator[tuple[str, dict]]:
         """(document id, record) pairs, streamed with cursor pagination (page_size per read)."""
         from google.cloud.firestore_v1 import FieldFilter
 
@@ -132,7 +141,9 @@ class FirestorePreferenceSource:
                 return
             last = docs[-1]
 
-    def fetch(self, community_id: str, since: dt.datetime | None = None, limit: int | None = None) -> tuple[list[Any], list[str]]:
+    def fetch(
+        self, community_id: str, since: dt.datetime | None = None, limit: int | None = None
+    ) -> tuple[list[Any], list[str]]:
         records, ids = [], []
         try:
             for doc_id, record in self.iter_documents(community_id, since, limit):
@@ -141,7 +152,9 @@ class FirestorePreferenceSource:
         except Exception as err:
             if isinstance(err, SourceError):
                 raise
-            raise SourceError(f"could not read Firestore collection {self.collection_path(community_id)}: {type(err).__name__}: {err}") from err
+            raise SourceError(
+                f"could not read Firestore collection {self.collection_path(community_id)}: {type(err).__name__}: {err}"
+            ) from err
         if not records:
             raise SourceError(
                 f"no preference records for community '{community_id}' (Firestore collection {self.collection_path(community_id)} is empty)"
@@ -183,13 +196,17 @@ class FirebaseArtifactStore:
                 blob = bucket.blob(prefix + entry["path"])
                 if entry["size"] > RESUMABLE_THRESHOLD:
                     blob.chunk_size = RESUMABLE_THRESHOLD  # resumable upload in chunks
-                content_type = CONTENT_TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                content_type = (
+                    CONTENT_TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                )
                 written.append(blob)
                 blob.upload_from_filename(str(path), content_type=content_type, retry=retry, timeout=120)
             manifest["uri"] = f"gs://{bucket.name}/{prefix}"
             blob = bucket.blob(prefix + MANIFEST)
             written.append(blob)
-            blob.upload_from_string(json.dumps(manifest, indent=2), content_type="application/json", retry=retry, timeout=60)
+            blob.upload_from_string(
+                json.dumps(manifest, indent=2), content_type="application/json", retry=retry, timeout=60
+            )
         except Exception as err:
             self._remove(written)
             raise StorageError(f"could not store the artifact at {prefix}: {type(err).__name__}: {err}"[:1000]) from err
@@ -264,7 +281,9 @@ class FirestoreJobMirror:
                     self._cond.notify_all()
                 backoff = 0.5
             except Exception as err:
-                log.warning("job mirror write for %s failed (%s); retrying in %.1f s", job_id, type(err).__name__, backoff)
+                log.warning(
+                    "job mirror write for %s failed (%s); retrying in %.1f s", job_id, type(err).__name__, backoff
+                )
                 with self._cond:
                     self._cond.wait(backoff)
                 backoff = min(self.max_backoff_s, backoff * 2)

@@ -19,7 +19,9 @@ class LocalPreferenceSource:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def fetch(self, community_id: str, since: datetime | None = None, limit: int | None = None) -> tuple[list[Any], list[str]]:
+    def fetch(
+        self, community_id: str, since: datetime | None = None, limit: int | None = None
+    ) -> tuple[list[Any], list[str]]:
         for suffix in (".jsonl", ".json"):
             path = self.root / f"{community_id}{suffix}"
             if path.is_file():
@@ -34,9 +36,13 @@ class LocalPreferenceSource:
                 if limit is not None:
                     records, ids = records[:limit], ids[:limit]
                 if not records:
-                    raise SourceError(f"no preference records for community '{community_id}' ({path.name} has none that match)")
+                    raise SourceError(
+                        f"no preference records for community '{community_id}' ({path.name} has none that match)"
+                    )
                 return records, ids
-        raise SourceError(f"no preference records for community '{community_id}' (no {community_id}.jsonl or .json in the data directory)")
+        raise SourceError(
+            f"no preference records for community '{community_id}' (no {community_id}.jsonl or .json in the data directory)"
+        )
 
     def check(self) -> str | None:
         return None if self.root.is_dir() or not self.root.exists() else f"{self.root} is not a directory"
@@ -70,7 +76,9 @@ class LocalArtifactStore:
         except OSError as err:
             shutil.rmtree(staging, ignore_errors=True)
             raise StorageError(f"could not store the artifact in {final}: {err}") from err
-        return StoredArtifact(uri=final.resolve().as_uri(), files=[f["path"] for f in manifest["files"]] + ["manifest.json"])
+        return StoredArtifact(
+            uri=final.resolve().as_uri(), files=[f["path"] for f in manifest["files"]] + ["manifest.json"]
+        )
 
     def check(self) -> str | None:
         try:

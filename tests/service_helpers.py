@@ -9,7 +9,13 @@ from tools.trigger import Client
 FAST = {"epochs": 1, "batch_size": 8}
 
 
-def wait_for(client: Client, job_id: str, states=("succeeded", "failed", "cancelled"), timeout_s: float = 300, step_at_least: int = 0) -> dict:
+def wait_for(
+    client: Client,
+    job_id: str,
+    states=("succeeded", "failed", "cancelled"),
+    timeout_s: float = 300,
+    step_at_least: int = 0,
+) -> dict:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         job = client.get(f"/jobs/{job_id}").json()

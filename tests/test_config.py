@@ -49,5 +49,7 @@ def test_cli_requires_a_data_path_and_output_dir(tmp_path):
     assert out.returncode == 2 and "data.path is required" in out.stdout
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
-    out = subprocess.run([sys.executable, "-m", "training", f"data.path={data}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "training", f"data.path={data}"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert out.returncode != 0 and "output_dir" in out.stdout + out.stderr

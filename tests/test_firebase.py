@@ -69,7 +69,9 @@ def test_trigger_without_dataset_trains_from_firestore(fb_server, firebase_env, 
     clients = clients_for(firebase_env)
     seed(clients, settings.firestore_preferences_path.format(communityId=community), toy(64, fmt))
     client = Client(fb_server.url, fb_server.secret)
-    job_id = client.trigger(community, config={"epochs": 2, "lora": lora, "learning_rate": 3e-3 if lora else 5e-4}).json()["job_id"]
+    job_id = client.trigger(
+        community, config={"epochs": 2, "lora": lora, "learning_rate": 3e-3 if lora else 5e-4}
+    ).json()["job_id"]
     job = wait_for(client, job_id)
     assert job["status"] == "succeeded", job["error"]
     assert job["source"] == "firestore" and job["records"] == 64
@@ -84,13 +86,17 @@ def test_trigger_without_dataset_trains_from_firestore(fb_server, firebase_env, 
 
     out = tmp_path / "download"
     manifest = download(clients, settings, job_id, out)  # community found through the job mirror
-    assert manifest["job_id"] == job_id and {f["path"] for f in manifest["files"]} == set(job["artifact"]["files"]) - {"manifest.json"}
+    assert manifest["job_id"] == job_id and {f["path"] for f in manifest["files"]} == set(job["artifact"]["files"]) - {
+        "manifest.json"
+    }
     tokenizer = AutoTokenizer.from_pretrained(out)
     if lora:
         from peft import PeftModel
 
         adapter_cfg = json.loads((out / "adapter_config.json").read_text())
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapter_cfg["base_model_name_or_path"]), out)
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(adapter_cfg["base_model_name_or_path"]), out
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(out)
     source = FirestorePreferenceSource(clients, settings.firestore_preferences_path)
@@ -223,7 +229,9 @@ def test_storage_down_mid_run_fails_the_job_and_leaves_no_manifest(tmp_path, toy
             wait_for(client, job_id, states=("running",), step_at_least=1)
             emu.stop("gcs")
             ready = httpx.get(srv.url + "/ready").json()
-            assert ready["status"] == "unavailable" and ready["checks"]["artifact_store"].startswith("Cloud Storage unreachable")
+            assert ready["status"] == "unavailable" and ready["checks"]["artifact_store"].startswith(
+                "Cloud Storage unreachable"
+            )
             job = wait_for(client, job_id, timeout_s=180)
             assert job["status"] == "failed" and job["error"]["type"] == "storage_error"
             assert "could not store the artifact at policies/unlucky/" in job["error"]["message"]

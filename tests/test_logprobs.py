@@ -53,11 +53,15 @@ def test_model_logps_on_the_tiny_model(tiny_model_path, tokenizer):
     from training.tokenize import tokenize_pairs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
-    pairs = [PreferencePair(prompt=f"Question {i}?", chosen="Yes, glad to help." * (i + 1), rejected="No.") for i in range(3)]
+    pairs = [
+        PreferencePair(prompt=f"Question {i}?", chosen="Yes, glad to help." * (i + 1), rejected="No.") for i in range(3)
+    ]
     batch = collate(tokenize_pairs(tokenizer, pairs, 128, 64, "keep_end"), tokenizer.pad_token_id)
     with torch.no_grad():
         chosen, rejected, counts = model_logps(model, batch, chunk_size=8)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     naive = naive_sequence_logps(logits, batch["labels"])
     torch.testing.assert_close(torch.cat([chosen, rejected]), naive, atol=1e-5, rtol=0)
-    assert (chosen < 0).all() and counts.tolist() == [len(tokenizer("Yes, glad to help." * (i + 1), add_special_tokens=False)["input_ids"]) + 1 for i in range(3)]
+    assert (chosen < 0).all() and counts.tolist() == [
+        len(tokenizer("Yes, glad to help." * (i + 1), add_special_tokens=False)["input_ids"]) + 1 for i in range(3)
+    ]

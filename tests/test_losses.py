@@ -17,7 +17,9 @@ RR = torch.tensor([-0.1, -20.1, -0.1])
 def test_dpo_sigmoid_values():
     out = preference_loss(PC, PR, RC, RR, name="dpo", beta=0.1)
     torch.testing.assert_close(out.losses, torch.tensor([0.6931, 0.3133, 0.1269]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(out.chosen_rewards - out.rejected_rewards, torch.tensor([0.0, 1.0, 2.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        out.chosen_rewards - out.rejected_rewards, torch.tensor([0.0, 1.0, 2.0]), atol=1e-5, rtol=0
+    )
     torch.testing.assert_close(out.chosen_rewards, torch.tensor([0.0, 0.01, -0.09]), atol=1e-5, rtol=0)
 
 
@@ -58,7 +60,9 @@ def test_policy_equal_to_reference_gives_ln2(beta):
 def test_gradient_raises_chosen_and_lowers_rejected(name):
     pc = torch.tensor([-5.0, -7.0], requires_grad=True)
     pr = torch.tensor([-5.0, -6.0], requires_grad=True)
-    out = preference_loss(pc, pr, torch.tensor([-5.0, -7.0]), torch.tensor([-5.0, -6.0]), name=name, beta=0.1, sft_weight=1.0)
+    out = preference_loss(
+        pc, pr, torch.tensor([-5.0, -7.0]), torch.tensor([-5.0, -6.0]), name=name, beta=0.1, sft_weight=1.0
+    )
     out.losses.sum().backward()
     # gradient descent moves against the gradient: chosen up (grad < 0), rejected down (grad > 0)
     assert (pc.grad < 0).all() and (pr.grad > 0).all()

@@ -59,9 +59,17 @@ def test_sample_file_matches_the_schema_and_normalises():
         ({"prompt": "p", "responses": ["a", "b"], "pairs": [[0, 2]]}, "pairs[0]", "index 2 out of range"),
         ({"prompt": "p", "responses": ["a", "b"], "pairs": [[0, "1"]]}, "pairs[0]", "two integers"),
         ({"prompt": "p", "responses": ["a", 7], "pairs": [[0, 1]]}, "responses[1]", "non-empty string"),
-        ({"input": {"messages": []}, "preferred_output": [], "non_preferred_output": []}, "input.messages", "non-empty"),
         (
-            {"input": {"messages": [{"role": "wizard", "content": "x"}]}, "preferred_output": [], "non_preferred_output": []},
+            {"input": {"messages": []}, "preferred_output": [], "non_preferred_output": []},
+            "input.messages",
+            "non-empty",
+        ),
+        (
+            {
+                "input": {"messages": [{"role": "wizard", "content": "x"}]},
+                "preferred_output": [],
+                "non_preferred_output": [],
+            },
             "input.messages[0].role",
             "expected one of",
         ),
@@ -88,7 +96,11 @@ def test_bad_records_name_index_and_field(record, field, message):
 
 
 def test_skip_invalid_keeps_the_good_ones_and_reports_the_bad():
-    records = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p"}, {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    records = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p"},
+        {"prompt": "q", "chosen": "c", "rejected": "d"},
+    ]
     pairs, errors = normalise_records(records, ids=["doc-a", "doc-b", "doc-c"], skip_invalid=True)
     assert len(pairs) == 2 and [e.record for e in errors] == ["doc-b"]
 

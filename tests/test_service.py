@@ -83,14 +83,19 @@ def test_records_from_the_local_preference_source(server, client, toy):
 def test_empty_community_fails_with_a_clear_message(client):
     job = wait_for(client, client.trigger("nobody-here", config=FAST).json()["job_id"])
     assert job["status"] == "failed"
-    assert job["error"]["type"] == "source_error" and "no preference records for community 'nobody-here'" in job["error"]["message"]
+    assert (
+        job["error"]["type"] == "source_error"
+        and "no preference records for community 'nobody-here'" in job["error"]["message"]
+    )
 
 
 def test_wait_true_answers_in_the_old_synchronous_shape(client, toy):
     response = client.trigger("sync-community", toy(16), FAST, params={"wait": "true"})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["status"] == "success" and body["policy_path"].startswith("file://") and body["job_status"] == "succeeded"
+    assert (
+        body["status"] == "success" and body["policy_path"].startswith("file://") and body["job_status"] == "succeeded"
+    )
 
 
 def test_health_keeps_answering_while_a_job_trains(server, client, toy):
@@ -169,9 +174,20 @@ def test_verify_uses_the_body_bytes_exactly():
         ({}, "communityId", "Field required"),
         ({"communityId": "c", "extra": 1}, "extra", "unknown key"),
         ({"communityId": "c", "dataset": "not a list"}, "dataset", "valid list"),
-        ({"communityId": "c", "dataset": [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}]}, "dataset[1].rejected", "record 1: field 'rejected': is required"),
+        (
+            {
+                "communityId": "c",
+                "dataset": [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}],
+            },
+            "dataset[1].rejected",
+            "record 1: field 'rejected': is required",
+        ),
         ({"communityId": "c", "dataset": []}, "dataset", "no usable preference records"),
-        ({"communityId": "c", "callbackUrl": "http://evil.example/hook"}, "callbackUrl", "not in DPO_CALLBACK_ALLOWED_HOSTS"),
+        (
+            {"communityId": "c", "callbackUrl": "http://evil.example/hook"},
+            "callbackUrl",
+            "not in DPO_CALLBACK_ALLOWED_HOSTS",
+        ),
     ],
 )
 def test_invalid_requests_are_422_naming_the_field_and_queue_nothing(client, payload, field, message):
@@ -192,10 +208,14 @@ def test_cancel_a_running_job(server, client, toy):
     job = wait_for(client, job_id)
     assert job["status"] == "cancelled" and job["artifact"] is None
     assert job["progress"]["step"] < job["progress"]["total_steps"]
-    assert not (Path(server.root) / "artifacts" / "cancel-me").exists() or not any((Path(server.root) / "artifacts" / "cancel-me").iterdir())
+    assert not (Path(server.root) / "artifacts" / "cancel-me").exists() or not any(
+        (Path(server.root) / "artifacts" / "cancel-me").iterdir()
+    )
     assert not (Path(server.root) / "data" / "work" / job_id).exists()
     again = client.post(f"/jobs/{job_id}/cancel")
-    assert again.status_code == 409 and again.json()["error"]["message"] == "job already finished with status 'cancelled'"
+    assert (
+        again.status_code == 409 and again.json()["error"]["message"] == "job already finished with status 'cancelled'"
+    )
 
 
 def test_cancel_a_queued_job_before_it_starts(client, toy):
@@ -241,7 +261,13 @@ def test_unknown_and_malformed_job_ids(client):
 
 def test_metrics_are_prometheus_text(server, client):
     text = httpx.get(server.url + "/metrics").text
-    for name in ("dpo_jobs{state=\"succeeded\"}", "dpo_queue_depth", "dpo_job_duration_seconds_bucket", "dpo_http_request_duration_seconds_bucket", "dpo_training_tokens_per_second"):
+    for name in (
+        'dpo_jobs{state="succeeded"}',
+        "dpo_queue_depth",
+        "dpo_job_duration_seconds_bucket",
+        "dpo_http_request_duration_seconds_bucket",
+        "dpo_training_tokens_per_second",
+    ):
         assert name in text, name
 
 
@@ -262,7 +288,9 @@ def test_callback_is_signed_and_carries_the_final_record(server, client, toy):
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{hook.server_port}/done"
-        response = client.post("/trigger-finetune", {"communityId": "callback", "dataset": toy(8), "config": FAST, "callbackUrl": url})
+        response = client.post(
+            "/trigger-finetune", {"communityId": "callback", "dataset": toy(8), "config": FAST, "callbackUrl": url}
+        )
         job_id = response.json()["job_id"]
         wait_for(client, job_id)
         deadline = time.time() + 30
@@ -319,7 +347,10 @@ def test_sigterm_stops_the_running_job_at_a_step_boundary_and_records_it(tmp_pat
     assert time.time() - started < 30
     with Server(tmp_path, secret=srv.secret) as again:
         job = Client(again.url, again.secret).get(f"/jobs/{job_id}").json()
-    assert job["status"] == "failed" and job["error"] == {"type": "interrupted", "message": "stopped by server shutdown"}
+    assert job["status"] == "failed" and job["error"] == {
+        "type": "interrupted",
+        "message": "stopped by server shutdown",
+    }
 
 
 # -- the subprocess path ------------------------------------------------------------------------

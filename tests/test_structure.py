@@ -17,7 +17,9 @@ def test_no_python_files_under_data_or_config_folders():
 def test_import_datasets_is_huggingface_not_the_repo_folder():
     # Run from the repo root with it on sys.path, the way uvicorn, pytest and Docker do.
     code = "import datasets, sys; print(datasets.__file__); assert hasattr(datasets, 'load_dataset')"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": str(REPO)}
+    )
     assert out.returncode == 0, out.stderr
     assert "site-packages" in out.stdout, out.stdout
 
@@ -35,7 +37,15 @@ def _imported_modules(path: Path) -> set[str]:
 
 def test_training_imports_neither_web_nor_firebase():
     for path in (REPO / "training").rglob("*.py"):
-        bad = _imported_modules(path) & {"fastapi", "starlette", "firebase_admin", "google", "core", "storage", "uvicorn"}
+        bad = _imported_modules(path) & {
+            "fastapi",
+            "starlette",
+            "firebase_admin",
+            "google",
+            "core",
+            "storage",
+            "uvicorn",
+        }
         assert not bad, f"{path.relative_to(REPO)} imports {bad}"
 
 

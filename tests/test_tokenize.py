@@ -21,10 +21,15 @@ def test_prompt_is_a_prefix_and_responses_end_with_eos(tokenizer):
 
 
 def test_labels_mask_prompt_and_padding(tokenizer):
-    tps = [tokenize_pair(tokenizer, pair(), 128, 64, "keep_end"), tokenize_pair(tokenizer, pair(prompt="Hi"), 128, 64, "keep_end")]
+    tps = [
+        tokenize_pair(tokenizer, pair(), 128, 64, "keep_end"),
+        tokenize_pair(tokenizer, pair(prompt="Hi"), 128, 64, "keep_end"),
+    ]
     batch = collate(tps, tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 4  # chosen x2 then rejected x2
-    for row, (tp, side) in enumerate([(tps[0], "chosen_ids"), (tps[1], "chosen_ids"), (tps[0], "rejected_ids"), (tps[1], "rejected_ids")]):
+    for row, (tp, side) in enumerate(
+        [(tps[0], "chosen_ids"), (tps[1], "chosen_ids"), (tps[0], "rejected_ids"), (tps[1], "rejected_ids")]
+    ):
         n_prompt, response = len(tp.prompt_ids), getattr(tp, side)
         labels = batch["labels"][row].tolist()
         assert labels[:n_prompt] == [IGNORE] * n_prompt

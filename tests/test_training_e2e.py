@@ -34,11 +34,27 @@ def test_full_finetune_learns_the_toy_rule(tmp_path, toy, fmt):
     first = metrics["history"][0]
     assert abs(first["loss"] - math.log(2)) < 1e-3, first
     assert metrics["final_eval"]["eval/rewards/accuracies"] >= 0.9, metrics["final_eval"]
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+    ):
         assert key in first
     steps = [e for e in events if e["kind"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, metrics["total_steps"] + 1))
-    assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json", "training_config.yaml", "training_curves.png"} <= set(result.files)
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "metrics.json",
+        "training_config.yaml",
+        "training_curves.png",
+    } <= set(result.files)
     saved = json.loads((result.output_dir / "metrics.json").read_text())
     assert saved["final_eval"] == metrics["final_eval"] and saved["dataset"]["records"] == 200
 
@@ -114,7 +130,9 @@ def test_dataset_smaller_than_a_batch_trains_on_what_it_has(tmp_path, toy, n):
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, toy):
     records = toy(16)
     a = run_training(make_cfg(**{"train.epochs": 1, "train.batch_size": 8}), records, tmp_path / "a").metrics
-    b = run_training(make_cfg(**{"train.epochs": 1, "train.batch_size": 8, "train.micro_batch_size": 3}), records, tmp_path / "b").metrics
+    b = run_training(
+        make_cfg(**{"train.epochs": 1, "train.batch_size": 8, "train.micro_batch_size": 3}), records, tmp_path / "b"
+    ).metrics
     for ha, hb in zip(a["history"], b["history"], strict=True):
         assert ha["loss"] == pytest.approx(hb["loss"], abs=1e-5)
         assert ha["grad_norm"] == pytest.approx(hb["grad_norm"], rel=1e-4)
@@ -127,7 +145,9 @@ def test_every_loss_trains(tmp_path, toy, loss):
 
 
 def test_rmsprop_and_cosine(tmp_path, toy):
-    cfg = make_cfg(**{"train.optimizer": "rmsprop", "train.scheduler": "cosine", "train.learning_rate": 1e-4, "train.epochs": 1})
+    cfg = make_cfg(
+        **{"train.optimizer": "rmsprop", "train.scheduler": "cosine", "train.learning_rate": 1e-4, "train.epochs": 1}
+    )
     result = run_training(cfg, toy(24), tmp_path / "out")
     assert result.metrics["steps"] == 3
 
@@ -144,7 +164,11 @@ def test_bad_record_fails_before_loading_a_model(tmp_path):
     from training import RecordError
 
     with pytest.raises(RecordError, match="record 1: field 'chosen'"):
-        run_training(make_cfg(), [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "rejected": "b"}], tmp_path / "o")
+        run_training(
+            make_cfg(),
+            [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "rejected": "b"}],
+            tmp_path / "o",
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -155,7 +179,10 @@ def test_cli_toy_train_prints_accuracy_and_artifact(tmp_path):
     data = write_jsonl(toy_records(256, "pairs"), tmp_path / "pairs.jsonl")
     out = subprocess.run(
         [sys.executable, "-m", "training", f"data.path={data}", f"output_dir={tmp_path / 'run'}", "train.threads=2"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     accuracy = float(out.stdout.split("held-out reward accuracy: ")[1].split()[0])

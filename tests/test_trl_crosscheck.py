@@ -29,11 +29,22 @@ def test_per_example_loss_and_logps_match_trl(tmp_path, tiny_model_path, tokeniz
     records = toy(6, "pairs", seed=3)
 
     args = trl.DPOConfig(
-        output_dir=str(tmp_path), beta=0.1, loss_type=[loss_type], max_length=128, per_device_train_batch_size=1,
-        report_to=[], use_cpu=True, disable_dropout=True, dataset_num_proc=None,
+        output_dir=str(tmp_path),
+        beta=0.1,
+        loss_type=[loss_type],
+        max_length=128,
+        per_device_train_batch_size=1,
+        report_to=[],
+        use_cpu=True,
+        disable_dropout=True,
+        dataset_num_proc=None,
     )
     trainer = trl.DPOTrainer(
-        model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
     )
 
     pairs, _ = normalise_records(records)
@@ -53,7 +64,9 @@ def test_per_example_loss_and_logps_match_trl(tmp_path, tiny_model_path, tokeniz
         with torch.no_grad():
             chosen, rejected, _ = model_logps(policy, batch)
             ref_chosen, ref_rejected, _ = model_logps(reference, batch)
-        out = preference_loss(chosen, rejected, ref_chosen, ref_rejected, name="dpo" if loss_type == "sigmoid" else "hinge", beta=0.1)
+        out = preference_loss(
+            chosen, rejected, ref_chosen, ref_rejected, name="dpo" if loss_type == "sigmoid" else "hinge", beta=0.1
+        )
 
         assert out.losses.item() == pytest.approx(trl_loss.item(), abs=1e-4)
         assert chosen.item() == pytest.approx(m["logps/chosen"][-1], abs=1e-4)

@@ -26,7 +26,9 @@ class DownloadError(RuntimeError):
     pass
 
 
-def download(clients: FirebaseClients, settings: Settings, job_id: str, out: Path, community: str | None = None) -> dict:
+def download(
+    clients: FirebaseClients, settings: Settings, job_id: str, out: Path, community: str | None = None
+) -> dict:
     """Fetch every file listed in the manifest into `out`; returns the manifest."""
     if not re.fullmatch(r"[0-9a-f]{32}", job_id):
         raise DownloadError(f"not a job id: {job_id!r}")
@@ -61,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings()
     try:
-        manifest = download(FirebaseClients.from_settings(settings), settings, args.job_id, Path(args.out), args.community)
+        manifest = download(
+            FirebaseClients.from_settings(settings), settings, args.job_id, Path(args.out), args.community
+        )
     except DownloadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

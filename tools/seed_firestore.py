@@ -35,7 +35,9 @@ def firestore_safe(record) -> dict:
     return data
 
 
-def seed(clients: FirebaseClients, collection_path: str, records: list, random_ids: bool = False, start: int = 0) -> int:
+def seed(
+    clients: FirebaseClients, collection_path: str, records: list, random_ids: bool = False, start: int = 0
+) -> int:
     """Write records as documents; returns how many were written."""
     db = clients.firestore()
     collection = db.collection(collection_path)

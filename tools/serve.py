@@ -1,7 +1,7 @@
 """Start the service on loopback as a child process and stop it by PID (tests, toy-trigger, bench).
 
-    with Server(env={...}) as server:
-        server.url  # http://127.0.0.1:<free port>
+with Server(env={...}) as server:
+    server.url  # http://127.0.0.1:<free port>
 """
 
 from __future__ import annotations
@@ -53,12 +53,17 @@ class Server:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "webhook_handler:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode}; log: {self.log_path}\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"server exited with code {self.proc.returncode}; log: {self.log_path}\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self

@@ -16,20 +16,57 @@ import sys
 from pathlib import Path
 
 TOPICS = [
-    "python code", "a cake recipe", "the weather", "my garden", "travel plans", "music theory", "a math question",
-    "world history", "science homework", "a book report", "my email", "a job interview", "learning french",
-    "a birthday party", "fixing my bike", "saving money", "a cover letter", "my houseplants", "a chess opening",
-    "running a marathon", "baking bread", "a poem", "the solar system", "a road trip", "my resume",
-    "cleaning the kitchen", "a science fair", "a dog walk", "painting a room", "a camping trip", "a short story",
+    "python code",
+    "a cake recipe",
+    "the weather",
+    "my garden",
+    "travel plans",
+    "music theory",
+    "a math question",
+    "world history",
+    "science homework",
+    "a book report",
+    "my email",
+    "a job interview",
+    "learning french",
+    "a birthday party",
+    "fixing my bike",
+    "saving money",
+    "a cover letter",
+    "my houseplants",
+    "a chess opening",
+    "running a marathon",
+    "baking bread",
+    "a poem",
+    "the solar system",
+    "a road trip",
+    "my resume",
+    "cleaning the kitchen",
+    "a science fair",
+    "a dog walk",
+    "painting a room",
+    "a camping trip",
+    "a short story",
 ]
-ASKS = ["Can you help me with {t}?", "Please explain {t}.", "I have a question about {t}.", "What do you know about {t}?",
-        "Could you describe {t} for me?"]
-POLITE = ["Of course! I would be glad to help with {t}. Thank you for asking.",
-          "Certainly, happy to help with {t}. Thanks for the question!",
-          "Sure, here is a kind answer about {t}. Thank you!",
-          "Thank you for asking about {t}. I am glad to help."]
-RUDE = ["No. Figure out {t} yourself.", "Whatever. Do not bother me with {t}.",
-        "That is a stupid question about {t}. Leave me alone.", "No way. {t} is your problem, not mine."]
+ASKS = [
+    "Can you help me with {t}?",
+    "Please explain {t}.",
+    "I have a question about {t}.",
+    "What do you know about {t}?",
+    "Could you describe {t} for me?",
+]
+POLITE = [
+    "Of course! I would be glad to help with {t}. Thank you for asking.",
+    "Certainly, happy to help with {t}. Thanks for the question!",
+    "Sure, here is a kind answer about {t}. Thank you!",
+    "Thank you for asking about {t}. I am glad to help.",
+]
+RUDE = [
+    "No. Figure out {t} yourself.",
+    "Whatever. Do not bother me with {t}.",
+    "That is a stupid question about {t}. Leave me alone.",
+    "No way. {t} is your problem, not mine.",
+]
 FORMATS = ("pairs", "ranked", "chat")
 
 
@@ -47,12 +84,22 @@ def toy_records(n: int = 256, fmt: str = "pairs", seed: int = 0) -> list[dict]:
             out.append({"prompt": prompt, "chosen": good, "rejected": bad})
         elif fmt == "ranked":
             responses = [good, bad] if rng.random() < 0.5 else [bad, good]
-            out.append({"prompt": prompt, "responses": responses, "pairs": [[responses.index(good), responses.index(bad)]],
-                        "sft_target": good})
+            out.append(
+                {
+                    "prompt": prompt,
+                    "responses": responses,
+                    "pairs": [[responses.index(good), responses.index(bad)]],
+                    "sft_target": good,
+                }
+            )
         else:
-            out.append({"input": {"messages": [{"role": "user", "content": prompt}]},
-                        "preferred_output": [{"role": "assistant", "content": good}],
-                        "non_preferred_output": [{"role": "assistant", "content": bad}]})
+            out.append(
+                {
+                    "input": {"messages": [{"role": "user", "content": prompt}]},
+                    "preferred_output": [{"role": "assistant", "content": good}],
+                    "non_preferred_output": [{"role": "assistant", "content": bad}],
+                }
+            )
     return out
 
 

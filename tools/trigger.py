@@ -64,7 +64,9 @@ class Client:
             eta = f" eta {p['eta_seconds']:.0f}s" if p.get("eta_seconds") is not None else ""
             loss = job["metrics"].get("loss")
             loss_txt = f" loss {loss:.4f}" if loss is not None else ""
-            out.write(f"\r{job['status']:>9} [{bar:<{width}}] {pct:5.1f}% step {p.get('step', 0)}/{p.get('total_steps') or '?'}{loss_txt}{eta}   ")
+            out.write(
+                f"\r{job['status']:>9} [{bar:<{width}}] {pct:5.1f}% step {p.get('step', 0)}/{p.get('total_steps') or '?'}{loss_txt}{eta}   "
+            )
             out.flush()
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 out.write("\n")
@@ -100,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     secret = os.environ.get("DPO_WEBHOOK_SECRET")
     client = Client(args.url, secret)
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
-    response = client.trigger(args.community, dataset, json.loads(args.config) if args.config else None, headers=headers)
+    response = client.trigger(
+        args.community, dataset, json.loads(args.config) if args.config else None, headers=headers
+    )
     if response.status_code != 202:
         print(f"trigger rejected: HTTP {response.status_code}: {response.text}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """Import every package and compose every model x loss config; exit non-zero on the first problem.
 
-    python tools/validate_structure.py
+python tools/validate_structure.py
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def main() -> int:
             failures.append(f"compose model={model} loss={loss}: {err!r}")
     for line in failures:
         print("FAIL", line)
-    print(f"{len(combos)} configs composed, packages {', '.join(PACKAGES)} imported: {'OK' if not failures else 'FAILED'}")
+    print(
+        f"{len(combos)} configs composed, packages {', '.join(PACKAGES)} imported: {'OK' if not failures else 'FAILED'}"
+    )
     return 1 if failures else 0
 
 

@@ -24,7 +24,13 @@ def _emit(kind: str, payload: dict) -> None:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="cli", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     if not cfg.data.path:
-        _emit("error", {"type": "invalid_config", "message": "data.path is required: python -m training data.path=FILE output_dir=DIR"})
+        _emit(
+            "error",
+            {
+                "type": "invalid_config",
+                "message": "data.path is required: python -m training data.path=FILE output_dir=DIR",
+            },
+        )
         sys.exit(2)
     try:
         records = load_records_file(str(resolve_path(cfg.data.path)))

@@ -142,7 +142,9 @@ def evaluate(policy, batches, indices, reference, precomputed, loss_cfg, batch_s
     policy.eval()
     parts = []
     for start in range(0, len(indices), batch_size):
-        out, c, r = batch_loss(policy, batches(indices[start : start + batch_size]), reference, precomputed, loss_cfg, chunk)
+        out, c, r = batch_loss(
+            policy, batches(indices[start : start + batch_size]), reference, precomputed, loss_cfg, chunk
+        )
         parts.append((out.losses, out.chosen_rewards, out.rejected_rewards, c, r))
     policy.train(was_training)
     return summarise(*(torch.cat(p) for p in zip(*parts, strict=True)), prefix="eval/")
@@ -229,7 +231,15 @@ def train_policy(
                 elapsed_s=time.perf_counter() - start_time,
             )
             state.history.append(metrics)
-            emit({"kind": "step", "step": state.step, "total_steps": total, "epoch": metrics["epoch"], "metrics": metrics})
+            emit(
+                {
+                    "kind": "step",
+                    "step": state.step,
+                    "total_steps": total,
+                    "epoch": metrics["epoch"],
+                    "metrics": metrics,
+                }
+            )
             if eval_idx and tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < total:
                 result = evaluate(policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk)
                 state.evals.append({"step": state.step, **result})

@@ -103,7 +103,9 @@ def _ranked_record(record: dict, rid: int | str) -> list[PreferencePair]:
             or len(pair) != 2
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)
         ):
-            raise RecordError(rid, field, "expected [preferred_index, rejected_index] or {preferred, rejected} (two integers)")
+            raise RecordError(
+                rid, field, "expected [preferred_index, rejected_index] or {preferred, rejected} (two integers)"
+            )
         good, bad = pair
         for i in (good, bad):
             if not 0 <= i < len(responses):
@@ -150,7 +152,9 @@ def _chat_record(record: dict, rid: int | str) -> list[PreferencePair]:
         raise RecordError(rid, "input.messages", "expected a non-empty list of messages")
     conversation = tuple(_message(m, rid, f"input.messages[{i}]") for i, m in enumerate(messages))
     if conversation[-1][0] == "assistant":
-        raise RecordError(rid, f"input.messages[{len(messages) - 1}].role", "the conversation must not end with the assistant")
+        raise RecordError(
+            rid, f"input.messages[{len(messages) - 1}].role", "the conversation must not end with the assistant"
+        )
     chosen = _chat_output(record, "preferred_output", rid)
     rejected = _chat_output(record, "non_preferred_output", rid)
     if chosen == rejected:
@@ -183,7 +187,9 @@ def normalise_records(
                 raise
             errors.append(err)
     if not pairs:
-        raise RecordError("-", "dataset", "no usable preference records" + (f" ({len(errors)} invalid)" if errors else ""))
+        raise RecordError(
+            "-", "dataset", "no usable preference records" + (f" ({len(errors)} invalid)" if errors else "")
+        )
     return pairs, errors
 
 

@@ -54,7 +54,9 @@ def _strip_eos(text: str, eos: str | None) -> str:
     return text[: -len(eos)] if eos and text.endswith(eos) else text
 
 
-def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, max_prompt_length: int, mode: str):
+def truncate(
+    prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, max_prompt_length: int, mode: str
+):
     """Fit prompt+longer response into max_length, as the DPO reference implementation does:
     first cut the prompt to max_prompt_length (keeping its start or its end), then the responses."""
     if mode not in ("keep_start", "keep_end"):
@@ -64,11 +66,15 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
         prompt = prompt[:max_prompt_length] if mode == "keep_start" else prompt[-max_prompt_length:]
     room = max_length - len(prompt)
     if room < 1:
-        raise ValueError(f"max_prompt_length ({max_prompt_length}) leaves no room for a response in max_length ({max_length})")
+        raise ValueError(
+            f"max_prompt_length ({max_prompt_length}) leaves no room for a response in max_length ({max_length})"
+        )
     return prompt, chosen[:room], rejected[:room]
 
 
-def tokenize_pair(tokenizer, pair: PreferencePair, max_length: int, max_prompt_length: int, truncation_mode: str) -> TokenizedPair:
+def tokenize_pair(
+    tokenizer, pair: PreferencePair, max_length: int, max_prompt_length: int, truncation_mode: str
+) -> TokenizedPair:
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("the tokenizer has no EOS token; set one in the model's tokenizer config")
@@ -88,7 +94,9 @@ def tokenize_pair(tokenizer, pair: PreferencePair, max_length: int, max_prompt_l
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
 
 
-def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_length: int, max_prompt_length: int, truncation_mode: str) -> list[TokenizedPair]:
+def tokenize_pairs(
+    tokenizer, pairs: list[PreferencePair], max_length: int, max_prompt_length: int, truncation_mode: str
+) -> list[TokenizedPair]:
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
     out = []
