@@ -65,3 +65,32 @@ def test_model_logps_on_the_tiny_model(tiny_model_path, tokenizer):
     assert (chosen < 0).all() and counts.tolist() == [
         len(tokenizer("Yes, glad to help." * (i + 1), add_special_tokens=False)["input_ids"]) + 1 for i in range(3)
     ]
+
+
+@pytest.mark.parametrize("fmt", ["pairs", "chat"])
+def test_shared_prefix_rows_equal_separate_sequences(tiny_model_path, tokenizer, fmt):
+    """[prompt|chosen|rejected] with the 4D mask gives every response token the log-prob it has in
+    its own sequence: values and gradients equal the naive full log-softmax on separate rows."""
+    from transformers import AutoModelForCausalLM
+
+    from tools.toy_data import toy_records
+    from training.batching import collate, collate_shared_prefix
+    from training.logprobs import model_logps
+    from training.records import normalise_records
+    from training.tokenize import tokenize_pairs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    pairs, _ = normalise_records(toy_records(5, fmt, seed=1))
+    examples = tokenize_pairs(tokenizer, pairs, 128, 64, "keep_end")
+    separate = collate(examples, tokenizer.pad_token_id)
+    logits = model(input_ids=separate["input_ids"], attention_mask=separate["attention_mask"]).logits
+    naive = naive_sequence_logps(logits, separate["labels"])
+    naive.sum().backward()
+    want_grad = model.model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    chosen, rejected, counts = model_logps(model, collate_shared_prefix(examples, tokenizer.pad_token_id), chunk_size=7)
+    # A different layout changes matmul rounding: equal to fp32 resolution (sums are ~-230 here).
+    torch.testing.assert_close(torch.cat([chosen, rejected]), naive, atol=1e-5, rtol=1e-6)
+    torch.cat([chosen, rejected]).sum().backward()
+    torch.testing.assert_close(model.model.embed_tokens.weight.grad, want_grad, atol=1e-5, rtol=1e-4)
+    assert counts.tolist() == [float(len(e.chosen_ids)) for e in examples]

@@ -32,5 +32,57 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-pad tokens in a batch (the throughput unit)."""
+    """Tokens the batch stands for: non-pad tokens of the chosen + rejected sequences (the
+    throughput unit, the same however the batch is laid out)."""
+    if "sequence_tokens" in batch:  # shared prefix: the prompt still counts once per sequence
+        return int(batch["sequence_tokens"])
     return int(batch["attention_mask"].sum())
+
+
+def collate_shared_prefix(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair: [prompt | chosen | rejected], the prompt computed once for both.
+
+    A 4D attention mask keeps the responses apart (rejected tokens see the prompt and earlier
+    rejected tokens, never the chosen ones) and the rejected positions continue from the prompt's
+    end, so every response token gets exactly the logits it would get in its own sequence.
+
+    Besides input_ids / attention_mask (B, 1, L, L) / position_ids, the batch lists the scored
+    tokens: the position whose output predicts it (score_rows, score_cols), the token
+    (score_targets) and the sequence it belongs to (score_seq: i chosen, B+i rejected).
+    """
+    b = len(pairs)
+    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    segment = torch.full((b, width), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 pad
+    rows, cols, targets, seqs = [], [], [], []
+    for i, pair in enumerate(pairs):
+        n_p, n_c, n_r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        row = pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
+        input_ids[i, : len(row)] = torch.tensor(row)
+        position_ids[i, : n_p + n_c] = torch.arange(n_p + n_c)
+        position_ids[i, n_p + n_c : len(row)] = torch.arange(n_p, n_p + n_r)
+        segment[i, :n_p], segment[i, n_p : n_p + n_c], segment[i, n_p + n_c : len(row)] = 0, 1, 2
+        # chosen token k (at n_p + k) is predicted by position n_p + k - 1;
+        # rejected token k (at n_p + n_c + k) by the prompt's last position, then its own previous one
+        chosen_pred = list(range(n_p - 1, n_p + n_c - 1))
+        rejected_pred = [n_p - 1] + list(range(n_p + n_c, n_p + n_c + n_r - 1))
+        for preds, tokens, seq in ((chosen_pred, pair.chosen_ids, i), (rejected_pred, pair.rejected_ids, b + i)):
+            rows += [i] * len(tokens)
+            cols += preds
+            targets += tokens
+            seqs += [seq] * len(tokens)
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    same_or_prompt = (segment[:, None, :] == 0) | (segment[:, :, None] == segment[:, None, :])
+    mask = causal[None] & same_or_prompt & (segment[:, None, :] >= 0)
+    mask |= torch.eye(width, dtype=torch.bool)[None]  # padding rows attend to themselves (no empty softmax)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask[:, None],
+        "position_ids": position_ids,
+        "score_rows": torch.tensor(rows),
+        "score_cols": torch.tensor(cols),
+        "score_targets": torch.tensor(targets),
+        "score_seq": torch.tensor(seqs),
+        "sequence_tokens": torch.tensor(sum(p.chosen_length + p.rejected_length for p in pairs)),
+    }

@@ -44,8 +44,42 @@ def naive_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bo
 
 
 def model_logps(model, batch: dict[str, torch.Tensor], average: bool = False, chunk_size: int = 1024):
-    """One forward pass over the concatenated batch -> (chosen logps, rejected logps, chosen token counts)."""
+    """One forward pass over a batch -> (chosen logps, rejected logps, chosen token counts).
+
+    Two layouts (training/batching.py): shared-prefix rows [prompt|chosen|rejected], scored
+    through the LM head at response positions only; or chosen rows then rejected rows.
+    """
+    if "score_seq" in batch:
+        return shared_prefix_logps(model, batch, average, chunk_size)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     logps, counts = sequence_logps(logits, batch["labels"], average=average, chunk_size=chunk_size)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:], counts[:half]
+
+
+def shared_prefix_logps(model, batch: dict[str, torch.Tensor], average: bool = False, chunk_size: int = 1024):
+    """The decoder runs once per pair; the LM head and the fp32 log-softmax run only on the
+    positions that predict a response token, `chunk_size` at a time (prompt and padding
+    positions never reach the vocabulary projection)."""
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+    head = model.get_output_embeddings()
+    picked = hidden[batch["score_rows"], batch["score_cols"]]  # (M, H)
+    targets, seq = batch["score_targets"], batch["score_seq"]
+    token_logps = []
+    for start in range(0, targets.numel(), chunk_size):
+        logits = head(picked[start : start + chunk_size]).float()
+        chosen = logits.gather(1, targets[start : start + chunk_size, None]).squeeze(1)
+        token_logps.append(chosen - torch.logsumexp(logits, dim=-1))
+    per_token = torch.cat(token_logps)
+    n = 2 * batch["input_ids"].shape[0]
+    sums = torch.zeros(n, dtype=torch.float64, device=per_token.device).index_add(0, seq, per_token.double()).float()
+    counts = torch.zeros(n, dtype=torch.float32, device=per_token.device).index_add(0, seq, torch.ones_like(per_token))
+    if average:
+        sums = sums / counts.clamp(min=1)
+    half = n // 2
+    return sums[:half], sums[half:], counts[:half]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from training.batching import batch_tokens, collate
+from training.batching import batch_tokens, collate, collate_shared_prefix
 from training.logprobs import model_logps
 from training.losses import preference_loss
 from training.model import Reference
@@ -67,13 +67,19 @@ def make_optimizer(params, cfg):
 
 
 class PairBatches:
-    """Turns example indices into device batches; reference log-probs travel with them."""
+    """Turns example indices into device batches (shared-prefix rows, or chosen rows then
+    rejected rows); the indices travel with them to look up precomputed reference log-probs."""
 
-    def __init__(self, examples: list[TokenizedPair], pad_id: int, device: torch.device):
+    def __init__(self, examples: list[TokenizedPair], pad_id: int, device: torch.device, shared_prefix: bool = True):
         self.examples, self.pad_id, self.device = examples, pad_id, device
+        self.collate = collate_shared_prefix if shared_prefix else collate
+
+    def length(self, i: int) -> int:
+        ex = self.examples[i]
+        return len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids)
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = collate([self.examples[i] for i in indices], self.pad_id)
+        batch = self.collate([self.examples[i] for i in indices], self.pad_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         batch["index"] = torch.tensor(indices, device=self.device)
         return batch
@@ -90,18 +96,33 @@ def reference_logps_for(reference: Reference | None, precomputed, batch, loss_cf
     return chosen, rejected
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def precompute_reference(reference: Reference, batches: PairBatches, n: int, batch_size: int, loss_cfg, chunk: int):
-    """Reference log-probs of every example, once, before training starts."""
+    """Reference log-probs of every example, once, before training starts (sorted by length so
+    batches carry almost no padding; no autograd bookkeeping)."""
     chosen = torch.zeros(n, device=batches.device)
     rejected = torch.zeros(n, device=batches.device)
+    order = sorted(range(n), key=batches.length)
     for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
+        idx = order[start : start + batch_size]
         batch = batches(idx)
         with reference.active() as ref_model:
             c, r, _ = model_logps(ref_model, batch, loss_cfg.average_log_prob, chunk)
         chosen[batch["index"]], rejected[batch["index"]] = c, r
     return chosen, rejected
+
+
+def epoch_batches(order: list[int], batch_size: int, lengths, group: bool, generator) -> list[list[int]]:
+    """Split a shuffled order into batches. With `group`, examples of similar length share a batch
+    (sorted within windows of 50 batches, then the batches shuffled) so little is padding."""
+    if not group:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    window = 50 * batch_size
+    out = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lengths, reverse=True)
+        out += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
 
 
 def batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk: int):
@@ -136,7 +157,7 @@ def summarise(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_l
     }
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(policy, batches, indices, reference, precomputed, loss_cfg, batch_size: int, chunk: int) -> dict:
     was_training = policy.training
     policy.eval()
@@ -164,7 +185,7 @@ def train_policy(
     chunk = tcfg.logprob_chunk_size
     torch.manual_seed(tcfg.seed)
     train_idx, eval_idx = split_train_eval(len(examples), cfg.data.eval_fraction, cfg.data.max_eval_examples, tcfg.seed)
-    batches = PairBatches(examples, pad_id, device)
+    batches = PairBatches(examples, pad_id, device, tcfg.shared_prefix)
     emit = on_progress or (lambda event: None)
     stop = should_stop or (lambda: False)
 
@@ -199,13 +220,13 @@ def train_policy(
 
     for epoch in range(tcfg.epochs):
         order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=generator).tolist()]
-        for first in range(0, len(order), batch_size):
+        step_batches = epoch_batches(order, batch_size, batches.length, tcfg.group_by_length, generator)
+        for position, indices in enumerate(step_batches):
             if state.step >= total:
                 break
             if stop():
                 raise TrainingCancelled(f"cancelled before step {state.step + 1} of {total}")
             step_start = time.perf_counter()
-            indices = order[first : first + batch_size]
             parts, tokens = [], 0
             for m in range(0, len(indices), micro):
                 batch = batches(indices[m : m + micro])
@@ -223,7 +244,7 @@ def train_policy(
             metrics = summarise(*(torch.cat(p) for p in zip(*parts, strict=True)))
             metrics.update(
                 step=state.step,
-                epoch=epoch + (first + len(indices)) / len(order),
+                epoch=epoch + (position + 1) / len(step_batches),
                 grad_norm=float(grad_norm),
                 lr=lr,
                 tokens=tokens,
