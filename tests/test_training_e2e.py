@@ -19,10 +19,11 @@ from training.tokenize import tokenize_pairs
 
 
 def logps_of(model, tokenizer, records):
+    """Log-probs on the CPU (a policy trained on a GPU is moved here to compare exactly)."""
     pairs, _ = normalise_records(records)
     batch = collate(tokenize_pairs(tokenizer, pairs, 128, 64, "keep_end"), tokenizer.pad_token_id)
     with torch.no_grad():
-        chosen, rejected, _ = model_logps(model.eval(), batch)
+        chosen, rejected, _ = model_logps(model.float().cpu().eval(), batch)
     return torch.cat([chosen, rejected])
 
 

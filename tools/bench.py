@@ -61,15 +61,21 @@ def model_dir(vocab: int | None) -> Path:
     return ensure_tiny_model(REPO / ".cache" / "models" / name, model_vocab_size=vocab, **MODEL)
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+def matmul_gflops(device: str = "cpu", repeats: int = 5) -> float:
+    """The machine's dense matmul rate: fp32 on the CPU (2048^3), bf16 on a GPU (8192^3)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -112,9 +118,10 @@ def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str) 
 
 def run_trl(model_path: Path, train: list, lora: bool, out: Path, precompute: bool, device: str) -> dict:
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    from datasets import Dataset
 
     tokens = []
 
@@ -130,7 +137,9 @@ def run_trl(model_path: Path, train: list, lora: bool, out: Path, precompute: bo
     if lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=HYPER["lora_r"], lora_alpha=2 * HYPER["lora_r"], target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=HYPER["lora_r"], lora_alpha=2 * HYPER["lora_r"], target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     args = DPOConfig(
         output_dir=str(out / "trl"),
         beta=HYPER["beta"],
@@ -152,7 +161,11 @@ def run_trl(model_path: Path, train: list, lora: bool, out: Path, precompute: bo
         dataloader_num_workers=0,
     )
     trainer = DPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(train), processing_class=tokenizer, peft_config=peft_config,
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train),
+        processing_class=tokenizer,
+        peft_config=peft_config,
         callbacks=[CountTokens()],
     )
     trainer.train()
@@ -185,7 +198,9 @@ def heldout_accuracy(model_path: Path, out: Path, lora: bool, heldout: list, dev
     wins = []
     with torch.inference_mode():
         for i in range(0, len(examples), 16):
-            batch = {k: v.to(device) for k, v in collate_shared_prefix(examples[i : i + 16], tokenizer.pad_token_id).items()}
+            batch = {
+                k: v.to(device) for k, v in collate_shared_prefix(examples[i : i + 16], tokenizer.pad_token_id).items()
+            }
             pc, pr, _ = model_logps(policy, batch)
             rc, rr, _ = model_logps(reference, batch)
             wins += ((pc - rc) > (pr - rr)).tolist()
@@ -202,11 +217,15 @@ def worker(args) -> int:
     if spec["trainer"] == "ours":
         result = run_ours(Path(spec["model"]), spec["train"], spec["lora"], out, spec["device"])
     else:
-        result = run_trl(Path(spec["model"]), spec["train"], spec["lora"], out, spec["trainer"] == "trl-precompute", spec["device"])
+        result = run_trl(
+            Path(spec["model"]), spec["train"], spec["lora"], out, spec["trainer"] == "trl-precompute", spec["device"]
+        )
     wall = time.perf_counter() - started
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     accuracy = heldout_accuracy(Path(spec["model"]), out, spec["lora"], spec["heldout"], spec["device"])
-    print("@bench " + json.dumps({**result, "wall_s": wall, "peak_rss_mb": peak_rss_mb, "eval_reward_accuracy": accuracy}))
+    print(
+        "@bench " + json.dumps({**result, "wall_s": wall, "peak_rss_mb": peak_rss_mb, "eval_reward_accuracy": accuracy})
+    )
     return 0
 
 
@@ -220,26 +239,54 @@ def sequence_tokens(model_path: Path, train: list) -> int:
 
     tok = AutoTokenizer.from_pretrained(model_path)
     pairs, _ = normalise_records(train)
-    return sum(e.chosen_length + e.rejected_length for e in tokenize_pairs(tok, pairs, HYPER["max_length"], 64, "keep_end"))
+    return sum(
+        e.chosen_length + e.rejected_length for e in tokenize_pairs(tok, pairs, HYPER["max_length"], 64, "keep_end")
+    )
 
 
-def run_one(trainer: str, model_path: Path, config: dict, train: list, heldout: list, workdir: Path, threads: int, device: str) -> dict:
+def run_one(
+    trainer: str, model_path: Path, config: dict, train: list, heldout: list, workdir: Path, threads: int, device: str
+) -> dict:
     import shutil
 
     out = workdir / f"{trainer}-{time.time_ns()}"
     spec = workdir / f"{out.name}.json"
-    spec.write_text(json.dumps({"trainer": trainer, "model": str(model_path), "lora": config["lora"], "train": train,
-                                "heldout": heldout, "out": str(out), "device": device}))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true",
-           "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, __file__, "--worker", "--spec", str(spec), "--threads", str(threads)],
-                          capture_output=True, text=True, env=env, cwd=REPO)
+    spec.write_text(
+        json.dumps(
+            {
+                "trainer": trainer,
+                "model": str(model_path),
+                "lora": config["lora"],
+                "train": train,
+                "heldout": heldout,
+                "out": str(out),
+                "device": device,
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_DISABLED": "true",
+        "OMP_NUM_THREADS": str(threads),
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", "--spec", str(spec), "--threads", str(threads)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     shutil.rmtree(out, ignore_errors=True)
     spec.unlink()
     lines = [line for line in proc.stdout.splitlines() if line.startswith("@bench ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{trainer} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("@bench "):])
+        raise RuntimeError(
+            f"{trainer} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len("@bench ") :])
 
 
 def summarise(runs: list[dict], tokens: int, flops_per_token: float, matmul: float) -> dict:
@@ -281,12 +328,23 @@ def main(argv: list[str] | None = None) -> int:
     n_train = args.pairs or (48 if args.quick else 512)
     records = bench_records(n_train + 64, seed=1)
     train, heldout = records[:n_train], records[n_train:]
-    matmul = matmul_gflops() if args.device == "cpu" else None
-    print(f"fp32 matmul rate: {matmul:.1f} GFLOP/s" if matmul else "device: cuda")
+    matmul = matmul_gflops(args.device)
+    print(f"{args.device} matmul rate ({'fp32' if args.device == 'cpu' else 'bf16'}): {matmul:.1f} GFLOP/s")
     workdir = REPO / ".cache" / "bench"
     workdir.mkdir(parents=True, exist_ok=True)
-    results = {"meta": {"pairs": n_train, "heldout": len(heldout), "repeats": args.repeats, "threads": args.threads,
-                        "device": args.device, "matmul_gflops": matmul, "hyper": HYPER, "model": MODEL}, "configs": {}}
+    results = {
+        "meta": {
+            "pairs": n_train,
+            "heldout": len(heldout),
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "device": args.device,
+            "matmul_gflops": matmul,
+            "hyper": HYPER,
+            "model": MODEL,
+        },
+        "configs": {},
+    }
     for name in names:
         config = CONFIGS[name]
         path = model_dir(config["vocab"])
@@ -300,8 +358,11 @@ def main(argv: list[str] | None = None) -> int:
             for trainer in trainers:  # interleaved: A B C A B C
                 r = run_one(trainer, path, config, train, heldout, workdir, args.threads, args.device)
                 runs[trainer].append(r)
-                print(f"  {name} repeat {repeat + 1} {trainer:15s} wall {r['wall_s']:7.1f} s  rss {r['peak_rss_mb']:6.0f} MB"
-                      f"  loss {r['final_train_loss']:.4f}  acc {r['eval_reward_accuracy']:.3f}", flush=True)
+                print(
+                    f"  {name} repeat {repeat + 1} {trainer:15s} wall {r['wall_s']:7.1f} s  rss {r['peak_rss_mb']:6.0f} MB"
+                    f"  loss {r['final_train_loss']:.4f}  acc {r['eval_reward_accuracy']:.3f}",
+                    flush=True,
+                )
         entry = {t: summarise(runs[t], tokens, flops_per_token, matmul or 0) for t in trainers}
         entry["tokens"] = tokens
         entry["ratios"] = {
@@ -324,18 +385,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'config':10s} {'trainer':15s} {'wall s':>8s} {'tok/s':>8s} {'RSS MB':>8s} {'loss':>7s} {'acc':>6s} {'GFLOP/s':>8s} {'%matmul':>8s}")
+    print(
+        f"\n{'config':10s} {'trainer':15s} {'wall s':>8s} {'tok/s':>8s} {'RSS MB':>8s} {'loss':>7s} {'acc':>6s} {'GFLOP/s':>8s} {'%matmul':>8s}"
+    )
     for name, entry in results["configs"].items():
         for trainer, r in entry.items():
             if trainer in ("ratios", "tokens"):
                 continue
             frac = r["useful_fraction_of_matmul"]
-            print(f"{name:10s} {trainer:15s} {r['wall_s']:8.1f} {r['tokens_per_s']:8.0f} {r['peak_rss_mb']:8.0f} "
-                  f"{r['final_train_loss']:7.4f} {r['eval_reward_accuracy']:6.3f} {r['useful_gflops']:8.1f} "
-                  f"{(100 * frac if frac else float('nan')):7.1f}%")
+            print(
+                f"{name:10s} {trainer:15s} {r['wall_s']:8.1f} {r['tokens_per_s']:8.0f} {r['peak_rss_mb']:8.0f} "
+                f"{r['final_train_loss']:7.4f} {r['eval_reward_accuracy']:6.3f} {r['useful_gflops']:8.1f} "
+                f"{(100 * frac if frac else float('nan')):7.1f}%"
+            )
         for key, ratio in entry["ratios"].items():
-            print(f"{'':10s} {key:15s} wall x{ratio['wall_s']:.2f}  tok/s x{ratio['tokens_per_s']:.2f}  "
-                  f"RSS x{ratio['peak_rss_mb']:.2f}  acc {ratio['eval_reward_accuracy_diff']:+.3f}")
+            print(
+                f"{'':10s} {key:15s} wall x{ratio['wall_s']:.2f}  tok/s x{ratio['tokens_per_s']:.2f}  "
+                f"RSS x{ratio['peak_rss_mb']:.2f}  acc {ratio['eval_reward_accuracy_diff']:+.3f}"
+            )
 
 
 if __name__ == "__main__":
