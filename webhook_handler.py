@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import uuid
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -21,7 +22,7 @@ from core import SERVICE_NAME, __version__
 from core.auth import HEADER, verify
 from core.callbacks import check_callback_url
 from core.errors import IDEMPOTENCY_CONFLICT, JOB_NOT_FOUND, ServiceError
-from core.jobs import IdempotencyConflict, JobStore
+from core.jobs import ActiveJobConflict, IdempotencyConflict, JobStore, QueueFull
 from core.metrics import Metrics
 from core.runner import Runner
 from core.schemas import (
@@ -121,9 +122,17 @@ async def trigger_finetune(
         raise ServiceError(503, "shutting_down", "the service is shutting down; retry on another instance")
     if payload.callbackUrl is not None:
         check_callback_url(payload.callbackUrl, state.settings.callback_allowed_hosts)
+    settings = state.settings
     if payload.dataset is not None:
-        try:
-            normalise_records(payload.dataset)  # validate before anything is queued
+        if len(payload.dataset) > settings.max_records:
+            raise ServiceError(
+                422,
+                "too_many_records",
+                f"dataset: {len(payload.dataset)} records, more than the limit of {settings.max_records}",
+                field="dataset",
+            )
+        try:  # validate before anything is queued
+            normalise_records(payload.dataset, max_chars=settings.max_field_chars)
         except RecordError as err:
             field = f"dataset[{err.record}].{err.field}" if isinstance(err.record, int) else "dataset"
             raise ServiceError(422, "invalid_record", str(err), field=field) from None
@@ -146,9 +155,25 @@ async def trigger_finetune(
             callback_url=payload.callbackUrl,
             idempotency_key=idempotency_key,
             body_sha256=hashlib.sha256(body).hexdigest(),
+            max_queued=settings.max_queued_jobs,
+            one_per_community=settings.one_job_per_community,
         )
     except IdempotencyConflict as err:
         raise ServiceError(409, "idempotency_conflict", f"{IDEMPOTENCY_CONFLICT} (job {err.job_id})") from None
+    except ActiveJobConflict as err:
+        raise ServiceError(
+            409,
+            "community_busy",
+            f"community '{payload.communityId}' already has an active job: {err.job_id}",
+            field="communityId",
+        ) from None
+    except QueueFull:
+        raise ServiceError(
+            429,
+            "queue_full",
+            f"the job queue is full ({settings.max_queued_jobs} queued); retry later",
+            headers={"Retry-After": "60"},
+        ) from None
     state.runner.notify()
     job_id = job["id"]
     if not wait:
@@ -233,6 +258,16 @@ def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: the caller gets an id to quote, never internals; the log gets the traceback."""
+    error_id = uuid.uuid4().hex
+    log.error("unhandled error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"error": {"code": "internal_error", "message": f"internal error (error id {error_id})", "error_id": error_id}},
+        status_code=500,
+    )
+
+
 def _view_or_none(store: JobStore, job_id: str) -> dict | None:
     job = store.get(job_id)
     return job_view(job) if job else None
@@ -250,13 +285,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.webhook_secret is None:
             log.warning("!!! DPO_ALLOW_UNSIGNED=1: requests are NOT authenticated. Never expose this instance. !!!")
         store = JobStore(settings.job_db_path)
-        interrupted = store.fail_interrupted()
-        if interrupted:
-            log.warning(
-                "marked %d job(s) left running by a previous crash as failed (interrupted): %s",
-                len(interrupted),
-                interrupted,
-            )
         storage = build_storage(settings)
         mirror = None
         if storage.firebase is not None:  # watch jobs live in Firestore dpo_jobs/{jobId}
@@ -283,6 +311,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="DPO fine-tuning microservice", version=__version__, lifespan=lifespan)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        """413 before a large body is read (Content-Length), or as soon as a streamed one passes the limit."""
+        limit = settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return JSONResponse(
+                {"error": {"code": "payload_too_large", "message": f"request body larger than {limit} bytes"}},
+                status_code=413,
+            )
+        if request.method in ("POST", "PUT", "PATCH") and declared is None:
+            received = bytearray()
+            async for chunk in request.stream():
+                received += chunk
+                if len(received) > limit:
+                    return JSONResponse(
+                        {"error": {"code": "payload_too_large", "message": f"request body larger than {limit} bytes"}},
+                        status_code=413,
+                    )
+            request._body = bytes(received)  # starlette reads the cached body later
+        return await call_next(request)
 
     @app.middleware("http")
     async def record_latency(request: Request, call_next):

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     artifact_files  TEXT,
     error_type      TEXT,
     error_message   TEXT,
-    runner          TEXT
+    runner          TEXT,
+    attempts        INTEGER NOT NULL DEFAULT 0  -- restarts after an interruption
 );
 CREATE INDEX IF NOT EXISTS jobs_by_community ON jobs (community_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
@@ -48,6 +49,18 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 FINAL = ("succeeded", "failed", "cancelled")
+
+
+class ActiveJobConflict(Exception):
+    """The community already has a queued or running job (`job_id`)."""
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class QueueFull(Exception):
+    pass
 
 
 class IdempotencyConflict(Exception):
@@ -81,6 +94,13 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after the first release (stores created by older versions lack them)."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "attempts" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
 
     def add_listener(self, callback) -> None:
         self._listeners.append(callback)
@@ -111,8 +131,13 @@ class JobStore:
         callback_url: str | None = None,
         idempotency_key: str | None = None,
         body_sha256: str | None = None,
+        max_queued: int | None = None,
+        one_per_community: bool = False,
     ) -> tuple[dict, bool]:
-        """Insert a queued job. Returns (job, created); an idempotent replay returns the existing job."""
+        """Insert a queued job. Returns (job, created); an idempotent replay returns the existing job.
+
+        All checks and the insert happen under one lock, so concurrent triggers cannot both pass
+        a limit or both create a job for one community or one key."""
         job_id = uuid.uuid4().hex
         now = time.time()
         with self._lock:
@@ -122,6 +147,17 @@ class JobStore:
                     if row["body_sha256"] != body_sha256:
                         raise IdempotencyConflict(row["id"])
                     return _row_to_job(row), False
+            if one_per_community:
+                row = self._db.execute(
+                    "SELECT id FROM jobs WHERE community_id = ? AND status IN ('queued', 'running') LIMIT 1",
+                    (community_id,),
+                ).fetchone()
+                if row is not None:
+                    raise ActiveJobConflict(row["id"])
+            if max_queued is not None:
+                queued = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+                if queued >= max_queued:
+                    raise QueueFull()
             self._db.execute(
                 "INSERT INTO jobs (id, community_id, status, created_at, source, dataset, records, config, callback_url,"
                 " idempotency_key, body_sha256) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -251,18 +287,22 @@ class JobStore:
         self._changed(job_id)
         return self.get(job_id)
 
-    def fail_interrupted(self) -> list[str]:
-        """At startup: jobs a crash left 'running' are failed with reason 'interrupted'."""
+    def requeue(self, job_id: str, reason: str, count_attempt: bool = False) -> bool:
+        """running -> queued (to resume after a shutdown or a crash)."""
         with self._lock:
-            ids = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()]
-            for job_id in ids:
-                self.finish(
-                    job_id,
-                    "failed",
-                    error_type="interrupted",
-                    error_message="the server stopped while this job was running",
-                )
-            return ids
+            cur = self._db.execute(
+                "UPDATE jobs SET status = 'queued', attempts = attempts + ? WHERE id = ? AND status = 'running'",
+                (1 if count_attempt else 0, job_id),
+            )
+            if cur.rowcount:
+                self._add_event(job_id, "state", {"status": "queued", "reason": reason})
+        if cur.rowcount:
+            self._changed(job_id)
+        return cur.rowcount == 1
+
+    def running_jobs(self) -> list[dict]:
+        rows = self._exec("SELECT * FROM jobs WHERE status = 'running' ORDER BY seq").fetchall()
+        return [{**_row_to_job(r), "attempts": r["attempts"]} for r in rows]
 
     # -- events --------------------------------------------------------------------------
     def _add_event(self, job_id: str, kind: str, data: dict) -> None:

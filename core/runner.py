@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 
 class Stopped(Exception):
-    """The job was asked to stop (cancel or shutdown) at a step boundary."""
+    """The job was asked to stop (cancel, shutdown or timeout) at a step boundary."""
+
+
+class SubprocessDataError(Exception):
+    """The training subprocess refused the data (its message names the record)."""
 
 
 class InProcessUnavailable(Exception):
@@ -62,8 +66,9 @@ class Runner:
         self.mode = settings.runner_mode  # auto | inprocess | subprocess
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._stop_requests: dict[str, str] = {}  # job id -> "cancel" | "shutdown"
+        self._stop_requests: dict[str, str] = {}  # job id -> "cancel" | "shutdown" | "timeout"
         self._procs: dict[str, subprocess.Popen] = {}
+        self._started: dict[str, float] = {}  # job id -> monotonic start, for the wall-clock timeout
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -72,10 +77,41 @@ class Runner:
         self.settings.work_root.mkdir(parents=True, exist_ok=True)
         for name in os.listdir(self.settings.work_root):  # leftovers of a crash
             shutil.rmtree(self.settings.work_root / name, ignore_errors=True)
+        self.recover()
         for i in range(self.settings.max_concurrent_jobs):
             thread = threading.Thread(target=self._worker, name=f"dpo-worker-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def checkpoint_dir(self, job_id: str) -> Path:
+        return self.settings.checkpoint_root / job_id
+
+    def recover(self) -> dict[str, str]:
+        """Jobs a crash left 'running': resume from their checkpoint; without one, run again once;
+        the second time, fail them 'interrupted'. Returns {job id: what happened}."""
+        outcome = {}
+        for job in self.store.running_jobs():
+            job_id = job["id"]
+            if (self.checkpoint_dir(job_id) / "checkpoint").exists():
+                self.store.requeue(job_id, "resuming from its last checkpoint after a restart", count_attempt=True)
+                outcome[job_id] = "resume"
+            elif job["attempts"] < 1:
+                self.store.requeue(
+                    job_id, "restarting from the beginning after a restart (no checkpoint)", count_attempt=True
+                )
+                outcome[job_id] = "restart"
+            else:
+                self.store.finish(
+                    job_id,
+                    "failed",
+                    error_type="interrupted",
+                    error_message="the server stopped while this job was running, again; not retried",
+                )
+                shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)
+                outcome[job_id] = "failed"
+        for job_id, what in outcome.items():
+            log.warning("job %s was left running by a previous server: %s", job_id, what)
+        return outcome
 
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
@@ -121,6 +157,14 @@ class Runner:
         return self.store.get(job_id)
 
     def _should_stop(self, job_id: str) -> bool:
+        """Checked at every step boundary: a cancel, a shutdown, or the job's time limit."""
+        started = self._started.get(job_id)
+        if started is not None and time.monotonic() - started > self.settings.job_timeout_s:
+            with self._lock:
+                self._stop_requests.setdefault(job_id, "timeout")
+                proc = self._procs.get(job_id)
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
         return job_id in self._stop_requests
 
     # -- the worker ----------------------------------------------------------------------
@@ -141,22 +185,28 @@ class Runner:
         job_id = job["id"]
         work = self.settings.work_root / job_id
         work.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._started[job_id] = time.monotonic()
         started = time.time()
         outcome: dict = {}
         try:
             outcome = self._execute(job, work)
         except Stopped:
-            if self._stop_requests.get(job_id) == "cancel":
+            reason = self._stop_requests.get(job_id)
+            if reason == "cancel":
                 outcome = {"status": "cancelled", "error_type": "cancelled", "error_message": "cancelled while running"}
-            else:
+            elif reason == "timeout":
+                limit = self.settings.job_timeout_s
                 outcome = {
                     "status": "failed",
-                    "error_type": "interrupted",
-                    "error_message": "stopped by server shutdown",
+                    "error_type": "timeout",
+                    "error_message": f"ran longer than DPO_JOB_TIMEOUT_S ({limit:g} s); training stopped",
                 }
+            else:  # shutdown: back to the queue; the checkpoint just written lets the next start resume it
+                outcome = {"status": "queued"}
         except SourceError as err:
             outcome = {"status": "failed", "error_type": "source_error", "error_message": str(err)}
-        except RecordError as err:
+        except (RecordError, SubprocessDataError) as err:
             outcome = {"status": "failed", "error_type": "invalid_data", "error_message": str(err)}
         except StorageError as err:
             outcome = {"status": "failed", "error_type": "storage_error", "error_message": str(err)}
@@ -172,7 +222,12 @@ class Runner:
             with self._lock:
                 self._stop_requests.pop(job_id, None)
                 self._procs.pop(job_id, None)
+                self._started.pop(job_id, None)
         status = outcome.pop("status")
+        if status == "queued":
+            self.store.requeue(job_id, "stopped by a server shutdown; resumes from its checkpoint on the next start")
+            return
+        shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)
         final = self.store.finish(job_id, status, **outcome)
         if self.metrics is not None:
             self.metrics.job_duration.labels(status).observe(time.time() - started)
@@ -197,8 +252,14 @@ class Runner:
             since = datetime.fromisoformat(options["since"]) if options.get("since") else None
             if since is not None and since.tzinfo is None:
                 since = since.replace(tzinfo=UTC)  # a naive time means UTC
-            records, ids = self.source.fetch(community, since=since, limit=options.get("limit"))
-        pairs, _ = normalise_records(records, ids=ids)  # bad data fails here, in either mode
+            # read at most one record past the limit: enough to know it is exceeded
+            cap = self.settings.max_records + 1
+            limit = min(options["limit"], cap) if options.get("limit") else cap
+            records, ids = self.source.fetch(community, since=since, limit=limit)
+        if len(records) > self.settings.max_records:
+            raise SourceError(f"{len(records)} records, more than DPO_MAX_RECORDS ({self.settings.max_records})")
+        # bad data fails here, in either mode, naming the record (or document)
+        pairs, _ = normalise_records(records, ids=ids, max_chars=self.settings.max_field_chars)
         self.store.add_event(job_id, "data", {"records": len(records), "pairs": len(pairs)})
         overrides = job["config"]
         cfg = compose_config(
@@ -294,7 +355,7 @@ class Runner:
             raise Stopped()
         if error is not None:
             raise (
-                RecordError("-", "dataset", error["message"])
+                SubprocessDataError(error["message"])
                 if error["type"] == "invalid_data"
                 else RuntimeError(error["message"])
             )
@@ -319,6 +380,9 @@ class ProgressRecorder:
         step, total = event.get("step", 0), event.get("total_steps") or 0
         if event["kind"] == "eval":
             self.store.add_event(self.job_id, "eval", event["metrics"])
+            return
+        if event["kind"] == "resumed":
+            self.store.add_event(self.job_id, "resumed", {"step": event["step"], "total_steps": event["total_steps"]})
             return
         self.steps_seen += 1
         elapsed = time.time() - self.started

@@ -25,6 +25,15 @@ class Settings(BaseSettings):
     callback_allowed_hosts: Annotated[list[str], NoDecode] = []  # comma-separated in the environment
     callback_timeout_s: float = 10.0
     callback_retries: int = 4
+    checkpoint_every: int = Field(50, ge=0)  # training steps between checkpoints (crash recovery)
+    job_timeout_s: float = Field(24 * 3600, gt=0)  # a job running longer fails with 'timeout'
+
+    # Limits (each breach is a clear 4xx)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # 413 above
+    max_records: int = Field(100_000, ge=1)  # records per job
+    max_field_chars: int = Field(100_000, ge=16)  # characters in any one string of a record
+    max_queued_jobs: int = Field(100, ge=1)  # 429 + Retry-After when the queue holds this many
+    one_job_per_community: bool = True  # a second active job for a community is a 409
 
     # Storage
     storage_backend: Literal["local", "firebase"] = "local"
@@ -58,6 +67,10 @@ class Settings(BaseSettings):
     @property
     def work_root(self) -> Path:
         return self.data_dir / "work"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.data_dir / "checkpoints"
 
 
 @lru_cache

@@ -115,3 +115,21 @@ def test_jsonl_line_errors_name_the_line(tmp_path):
     path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{not json\n')
     with pytest.raises(RecordError, match="record line 2"):
         load_records_file(str(path))
+
+
+def test_duplicate_records_are_named():
+    record = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    with pytest.raises(RecordError, match="record 2: field '<record>': duplicate of record 0"):
+        normalise_records([record, {"prompt": "q", "chosen": "a", "rejected": "b"}, dict(record)])
+
+
+def test_strings_longer_than_the_limit_are_named():
+    record = {
+        "input": {"messages": [{"role": "user", "content": "x" * 101}]},
+        "preferred_output": [],
+        "non_preferred_output": [],
+    }
+    with pytest.raises(
+        RecordError, match="record 0: field 'input.messages\\[0\\].content': 101 characters, more than the limit of 100"
+    ):
+        normalise_records([record], max_chars=100)

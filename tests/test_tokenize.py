@@ -51,9 +51,17 @@ def test_truncation_keep_end_and_keep_start():
 
 
 def test_long_prompt_is_truncated_to_fit_max_length(tokenizer):
-    long_prompt = "Please explain the weather. " * 60
+    long_prompt = "Please explain the weather. " * 6  # longer than max_prompt_length, shorter than max_length
+    assert 32 < len(tokenizer(long_prompt)["input_ids"]) <= 64
     tp = tokenize_pair(tokenizer, pair(prompt=long_prompt), 64, 32, "keep_end")
     assert len(tp.prompt_ids) == 32 and tp.chosen_length <= 64 and tp.rejected_length <= 64
+
+
+def test_prompt_longer_than_max_length_is_an_error(tokenizer):
+    from training.records import RecordError
+
+    with pytest.raises(RecordError, match="field 'prompt': .* tokens, longer than max_length \\(64\\)"):
+        tokenize_pairs(tokenizer, [pair(prompt="Please explain the weather. " * 60)], 64, 32, "keep_end")
 
 
 def test_max_prompt_length_must_leave_room(tokenizer):

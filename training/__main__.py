@@ -7,13 +7,16 @@ Progress goes to stdout as JSON lines (prefix "@progress ") so a parent process 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 
 import hydra
 from omegaconf import DictConfig
 
 from training.config import CONFIG_DIR, resolve_path
 from training.facade import run_training
+from training.loop import TrainingCancelled
 from training.records import RecordError, load_records_file
 
 
@@ -32,12 +35,17 @@ def main(cfg: DictConfig) -> None:
             },
         )
         sys.exit(2)
+    stop = threading.Event()  # SIGTERM: stop at the next step boundary (checkpointing, if configured)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         records = load_records_file(str(resolve_path(cfg.data.path)))
-        result = run_training(cfg, records, on_progress=lambda event: _emit("progress", event))
+        result = run_training(cfg, records, on_progress=lambda event: _emit("progress", event), should_stop=stop.is_set)
     except RecordError as err:
         _emit("error", {"type": "invalid_data", "message": str(err)})
         sys.exit(2)
+    except TrainingCancelled as err:
+        _emit("error", {"type": "stopped", "message": str(err)})
+        sys.exit(3)
     final = result.metrics.get("final_eval", {})
     _emit("result", {"output_dir": str(result.output_dir), "files": result.files, "final_eval": final})
     acc = final.get("eval/rewards/accuracies")

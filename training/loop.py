@@ -10,10 +10,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from training.batching import batch_tokens, collate, collate_shared_prefix
+from training.checkpoint import load_checkpoint, restore_weights, save_checkpoint
 from training.logprobs import model_logps
 from training.losses import preference_loss
 from training.model import Reference
@@ -179,7 +181,11 @@ def train_policy(
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> TrainState:
-    """Train `policy` in place on `examples` with DPO-family losses. cfg is the composed config."""
+    """Train `policy` in place on `examples` with DPO-family losses. cfg is the composed config.
+
+    With train.checkpoint_dir set, a checkpoint is written every train.checkpoint_every steps and
+    when should_stop() stops the run; a run started on a directory holding one resumes from it.
+    """
     tcfg, loss_cfg = cfg.train, cfg.loss
     device = next(policy.parameters()).device
     chunk = tcfg.logprob_chunk_size
@@ -192,15 +198,20 @@ def train_policy(
     # Reference log-probs: none (reference-free), precomputed once before training, or live each
     # step. LoRA: the policy with adapters disabled; full fine-tuning: a frozen copy (live) or the
     # policy itself before its first step (precompute).
+    checkpoint_dir = Path(tcfg.checkpoint_dir) if tcfg.checkpoint_dir else None
+    resume = load_checkpoint(checkpoint_dir)
     reference, precomputed = None, None
     if not loss_cfg.reference_free:
         if tcfg.reference not in ("precompute", "live"):
             raise ValueError(f"train.reference: expected precompute | live, got {tcfg.reference!r}")
         is_lora = hasattr(policy, "disable_adapter")
         mode = "adapter" if is_lora else "copy" if tcfg.reference == "live" else "self"
-        reference = Reference(policy, mode)
+        reference = Reference(policy, mode)  # before a checkpoint's weights load: the reference is the initial policy
         if tcfg.reference == "precompute":
-            precomputed = precompute_reference(reference, batches, len(examples), tcfg.batch_size, loss_cfg, chunk)
+            if resume is not None and resume["precomputed"] is not None:
+                precomputed = tuple(t.to(device) for t in resume["precomputed"])
+            else:
+                precomputed = precompute_reference(reference, batches, len(examples), tcfg.batch_size, loss_cfg, chunk)
             reference = None
 
     batch_size = tcfg.batch_size
@@ -215,16 +226,37 @@ def train_policy(
     optimizer = make_optimizer(params, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.scheduler, tcfg.warmup_steps, total))
     generator = torch.Generator().manual_seed(tcfg.seed)
+    start_epoch, skip = 0, 0
+    if resume is not None:
+        restore_weights(policy, resume)
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+        if resume["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        generator.set_state(resume["position"]["generator_state"])
+        start_epoch, skip = resume["position"]["epoch"], resume["position"]["batches_done"]
+        state.step, state.history, state.evals = resume["step"], resume["history"], resume["evals"]
+        emit({"kind": "resumed", "step": state.step, "total_steps": total})
     policy.train()
     start_time = time.perf_counter()
 
-    for epoch in range(tcfg.epochs):
+    def checkpoint(epoch: int, batches_done: int, generator_state) -> None:
+        if checkpoint_dir is not None:
+            position = {"epoch": epoch, "batches_done": batches_done, "generator_state": generator_state}
+            save_checkpoint(checkpoint_dir, policy, optimizer, scheduler, state, position, precomputed)
+
+    for epoch in range(start_epoch, tcfg.epochs):
+        epoch_generator_state = generator.get_state()  # replaying it rebuilds this epoch's batches on resume
         order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=generator).tolist()]
         step_batches = epoch_batches(order, batch_size, batches.length, tcfg.group_by_length, generator)
         for position, indices in enumerate(step_batches):
+            if epoch == start_epoch and position < skip:
+                continue  # done before the checkpoint
             if state.step >= total:
                 break
             if stop():
+                checkpoint(epoch, position, epoch_generator_state)
                 raise TrainingCancelled(f"cancelled before step {state.step + 1} of {total}")
             step_start = time.perf_counter()
             parts, tokens = [], 0
@@ -261,6 +293,8 @@ def train_policy(
                     "metrics": metrics,
                 }
             )
+            if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < total:
+                checkpoint(epoch, position + 1, epoch_generator_state)
             if eval_idx and tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < total:
                 result = evaluate(policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk)
                 state.evals.append({"step": state.step, **result})

@@ -170,18 +170,42 @@ def normalise_record(record: Any, rid: int | str = 0) -> list[PreferencePair]:
     return _PARSERS[detect_format(record, rid)](record, rid)
 
 
+def check_string_sizes(value: Any, rid: int | str, max_chars: int, path: str = "") -> None:
+    """Every string anywhere in the record is at most max_chars long."""
+    if isinstance(value, str):
+        if len(value) > max_chars:
+            raise RecordError(rid, path or "<record>", f"{len(value)} characters, more than the limit of {max_chars}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_string_sizes(item, rid, max_chars, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_string_sizes(item, rid, max_chars, f"{path}[{i}]")
+
+
 def normalise_records(
     records: Sequence[Any],
     ids: Sequence[str] | None = None,
     skip_invalid: bool = False,
+    max_chars: int | None = None,
 ) -> tuple[list[PreferencePair], list[RecordError]]:
-    """All records -> pairs. Raises the first RecordError unless `skip_invalid`, then returns them all."""
+    """All records -> pairs. Raises the first RecordError unless `skip_invalid`, then returns them all.
+
+    A record identical to an earlier one is an error too (it would silently weigh twice)."""
     pairs: list[PreferencePair] = []
     errors: list[RecordError] = []
+    seen: dict[str, int | str] = {}
     for index, record in enumerate(records):
         rid = ids[index] if ids is not None else index
         try:
-            pairs.extend(normalise_record(record, rid))
+            if max_chars is not None:
+                check_string_sizes(record, rid, max_chars)
+            new_pairs = normalise_record(record, rid)
+            key = json.dumps(record, sort_keys=True, default=str)
+            if key in seen:
+                raise RecordError(rid, "<record>", f"duplicate of record {seen[key]}")
+            seen[key] = rid
+            pairs.extend(new_pairs)
         except RecordError as err:
             if not skip_invalid:
                 raise

@@ -86,6 +86,12 @@ def tokenize_pair(
     chosen_text = _strip_eos(chosen_text, tokenizer.eos_token)
     rejected_text = _strip_eos(rejected_text, tokenizer.eos_token)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+    if len(prompt_ids) > max_length:  # not a long prompt to trim: longer than the whole sequence budget
+        raise RecordError(
+            pair.source or "?",
+            "prompt",
+            f"{len(prompt_ids)} tokens, longer than max_length ({max_length}): the prompt alone exceeds the sequence budget",
+        )
     chosen_ids = tokenizer(chosen_text, add_special_tokens=False)["input_ids"] + [eos_id]
     rejected_ids = tokenizer(rejected_text, add_special_tokens=False)["input_ids"] + [eos_id]
     prompt_ids, chosen_ids, rejected_ids = truncate(

@@ -1,0 +1,60 @@
+"""Checkpoints: a run stopped and resumed ends exactly where an uninterrupted run ends."""
+
+import pytest
+import torch
+
+from tests.conftest import make_cfg
+from tests.test_training_e2e import logps_of, trained_policy  # noqa: F401  (fixture)
+from training import TrainingCancelled, run_training
+
+
+@pytest.mark.parametrize("lora, reference", [(False, "precompute"), (False, "live"), (True, "precompute")])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, toy, trained_policy, lora, reference):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    records = toy(48)
+    values = {"train.epochs": 2, "train.reference": reference, "train.checkpoint_every": 3}
+    full = run_training(make_cfg(lora=lora, **values), records, tmp_path / "full")
+    want_policy = trained_policy["policy"]
+
+    ckpt = tmp_path / "ckpt"
+    steps = []
+    stop_at = 7  # mid-epoch 2 (5 steps an epoch), after the checkpoint at step 6
+    with pytest.raises(TrainingCancelled):
+        run_training(
+            make_cfg(lora=lora, **values, **{"train.checkpoint_dir": str(ckpt)}),
+            records,
+            tmp_path / "first",
+            on_progress=steps.append,
+            should_stop=lambda: len([e for e in steps if e["kind"] == "step"]) >= stop_at,
+        )
+    assert (ckpt / "checkpoint" / "state.pt").exists()
+    events = []
+    resumed = run_training(
+        make_cfg(lora=lora, **values, **{"train.checkpoint_dir": str(ckpt)}),
+        records,
+        tmp_path / "second",
+        on_progress=events.append,
+    )
+    assert events[0] == {"kind": "resumed", "step": stop_at, "total_steps": full.metrics["total_steps"]}
+    assert [e["step"] for e in events if e["kind"] == "step"] == list(
+        range(stop_at + 1, full.metrics["total_steps"] + 1)
+    )
+    assert [h["loss"] for h in resumed.metrics["history"]] == pytest.approx(
+        [h["loss"] for h in full.metrics["history"]], abs=1e-6
+    )
+    tokenizer = AutoTokenizer.from_pretrained(full.output_dir)
+    probe = toy(4, seed=9)
+    torch.testing.assert_close(
+        logps_of(trained_policy["policy"], tokenizer, probe), logps_of(want_policy, tokenizer, probe), atol=1e-5, rtol=0
+    )
+
+
+def test_periodic_checkpoints_replace_each_other(tmp_path, toy):
+    ckpt = tmp_path / "ckpt"
+    run_training(
+        make_cfg(**{"train.epochs": 1, "train.checkpoint_every": 1, "train.checkpoint_dir": str(ckpt)}),
+        toy(32),
+        tmp_path / "o",
+    )
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint"]
