@@ -81,6 +81,23 @@ api: setup ## Run the service on :8000 (needs DPO_WEBHOOK_SECRET, or DPO_ALLOW_U
 emulators: setup ## Start the Firestore emulator and fake-gcs-server on loopback; prints the variables to export
 	$(PY) tools/emulators.py
 
+## -- performance and robustness -------------------------------------------------------------
+.PHONY: bench
+bench: setup ## Our trainer vs TRL's DPOTrainer, interleaved, 4 configurations (~1 h); BENCH_ARGS=--quick for < 3 min
+	$(PY) tools/bench.py $(BENCH_ARGS)
+
+.PHONY: bench-api
+bench-api: setup ## /health latency at 100 req/s while a job trains, and 10,000-record trigger accept latency
+	$(PY) tools/bench_api.py
+
+.PHONY: fuzz
+fuzz: setup ## Schemathesis against the service's OpenAPI schema with valid signatures (500 examples per operation)
+	DPO_FUZZ_EXAMPLES=500 $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
+
+.PHONY: gpu-check
+gpu-check: ## On a CUDA machine: training-core + GPU tests on the GPU and a bf16 bench against TRL
+	bash tools/gpu_check.sh
+
 ## -- docker -----------------------------------------------------------------------------------
 .PHONY: docker-build
 docker-build: ## Build the production image $(IMAGE):$(TAG)

@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import SERVICE_NAME, __version__
 from core.auth import HEADER, verify
@@ -38,6 +39,7 @@ from core.schemas import (
     Readiness,
     SyncResponse,
     TriggerRequest,
+    errors,
     job_view,
 )
 from core.settings import Settings, get_settings
@@ -79,13 +81,13 @@ def _job_or_404(store: JobStore, job_id: str) -> dict:
 router = APIRouter()
 
 
-@router.get("/health", response_model=Health, tags=["ops"])
+@router.get("/health", response_model=Health, tags=["ops"], responses=errors())
 def health():
     """Liveness: no dependencies touched, never blocked by training."""
     return {"status": "healthy", "service": SERVICE_NAME, "version": __version__}
 
 
-@router.get("/ready", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}})
+@router.get("/ready", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}, **errors()})
 def ready(request: Request):
     state = _state(request)
     checks = {
@@ -98,7 +100,9 @@ def ready(request: Request):
     return JSONResponse({"status": "ready" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", tags=["ops"], response_class=Response)
+@router.get(
+    "/metrics", tags=["ops"], response_class=Response, responses={200: {"content": {"text/plain": {}}}, **errors()}
+)
 def metrics(request: Request):
     return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -108,7 +112,7 @@ def metrics(request: Request):
     status_code=202,
     response_model=QueuedResponse,
     tags=["jobs"],
-    responses={200: {"model": SyncResponse}, 401: {}, 409: {}, 422: {}},
+    responses={200: {"model": SyncResponse}, **errors(400, 401, 409, 422, 429, 503)},
 )
 async def trigger_finetune(
     request: Request,
@@ -131,8 +135,8 @@ async def trigger_finetune(
                 f"dataset: {len(payload.dataset)} records, more than the limit of {settings.max_records}",
                 field="dataset",
             )
-        try:  # validate before anything is queued
-            normalise_records(payload.dataset, max_chars=settings.max_field_chars)
+        try:  # validate before anything is queued (off the event loop: 10,000 records take a while)
+            await asyncio.to_thread(normalise_records, payload.dataset, max_chars=settings.max_field_chars)
         except RecordError as err:
             field = f"dataset[{err.record}].{err.field}" if isinstance(err.record, int) else "dataset"
             raise ServiceError(422, "invalid_record", str(err), field=field) from None
@@ -192,12 +196,12 @@ async def trigger_finetune(
     return JSONResponse(body, status_code=200)
 
 
-@router.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"], name="get_job")
+@router.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"], name="get_job", responses=errors(401, 404, 422))
 def get_job(request: Request, job_id: JobId, _: Signed):
     return job_view(_job_or_404(_state(request).store, job_id))
 
 
-@router.get("/jobs", response_model=JobList, tags=["jobs"])
+@router.get("/jobs", response_model=JobList, tags=["jobs"], responses=errors(401, 422))
 def list_jobs(
     request: Request,
     _: Signed,
@@ -210,14 +214,14 @@ def list_jobs(
     return {"jobs": [job_view(j) for j in jobs], "next_cursor": None if next_cursor is None else str(next_cursor)}
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], responses={404: {}, 409: {}})
+@router.post("/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], responses=errors(401, 404, 409, 422))
 def cancel_job(request: Request, job_id: JobId, _: Signed):
     state = _state(request)
     _job_or_404(state.store, job_id)
     return job_view(state.runner.cancel(job_id))
 
 
-@router.get("/jobs/{job_id}/events", response_model=EventList, tags=["jobs"])
+@router.get("/jobs/{job_id}/events", response_model=EventList, tags=["jobs"], responses=errors(401, 404, 422))
 def job_events(
     request: Request,
     job_id: JobId,
@@ -256,6 +260,13 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (an unparsable body, an unknown route) in the one error shape."""
+    codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+    body = {"error": {"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)}}
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -311,6 +322,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="DPO fine-tuning microservice", version=__version__, lifespan=lifespan)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
 
     @app.middleware("http")

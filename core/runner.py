@@ -142,6 +142,7 @@ class Runner:
     # -- cancel --------------------------------------------------------------------------
     def cancel(self, job_id: str) -> dict:
         if self.store.cancel_if_queued(job_id):
+            shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)  # one left by a shutdown, if any
             return self.store.get(job_id)
         job = self.store.get(job_id)
         if job is None:
@@ -262,9 +263,12 @@ class Runner:
         pairs, _ = normalise_records(records, ids=ids, max_chars=self.settings.max_field_chars)
         self.store.add_event(job_id, "data", {"records": len(records), "pairs": len(pairs)})
         overrides = job["config"]
-        cfg = compose_config(
-            overrides.get("model") or "tiny", overrides.get("loss") or "dpo", overrides.get("values", {})
-        )
+        values = {
+            **overrides.get("values", {}),
+            "train.checkpoint_dir": str(self.checkpoint_dir(job_id)),  # resumes from it when one is there
+            "train.checkpoint_every": self.settings.checkpoint_every,
+        }
+        cfg = compose_config(overrides.get("model") or "tiny", overrides.get("loss") or "dpo", values)
         out_dir = work / "output"
         progress = ProgressRecorder(self.store, job_id, self.metrics)
 

@@ -144,6 +144,25 @@ class EventList(BaseModel):
     last_seq: int
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+    details: list[dict[str, str]] | None = None
+    error_id: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error response: {"error": {"code", "message", "field"?, ...}}."""
+
+    error: ErrorDetail
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI entries for the error statuses an endpoint can answer."""
+    return {code: {"model": ErrorBody} for code in (*codes, 413, 500)}
+
+
 class Health(BaseModel):
     status: str
     service: str

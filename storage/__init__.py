@@ -35,7 +35,12 @@ def build_storage(settings) -> Storage:
         from storage.firebase import FirebaseArtifactStore, FirebaseClients, FirestorePreferenceSource
 
         clients = FirebaseClients.from_settings(settings)
-        source = FirestorePreferenceSource(clients, settings.firestore_preferences_path, settings.firestore_page_size)
+        source = FirestorePreferenceSource(
+            clients,
+            settings.firestore_preferences_path,
+            settings.firestore_page_size,
+            settings.storage_retry_deadline_s,
+        )
         artifacts = FirebaseArtifactStore(clients, settings.artifacts_prefix, settings.storage_retry_deadline_s)
         return Storage(source, artifacts, clients)
     raise ValueError(f"DPO_STORAGE_BACKEND: expected local | firebase, got {settings.storage_backend!r}")

@@ -108,8 +108,11 @@ class FirestorePreferenceSource:
 
     name = "firestore"
 
-    def __init__(self, clients: FirebaseClients, path_template: str, page_size: int = 500):
+    def __init__(
+        self, clients: FirebaseClients, path_template: str, page_size: int = 500, retry_deadline_s: float = 60.0
+    ):
         self.clients, self.path_template, self.page_size = clients, path_template, page_size
+        self.retry_deadline_s = retry_deadline_s
         self.pages_read = 0  # for tests and logs: proof that reads are paginated
 
     def collection_path(self, community_id: str) -> str:
@@ -132,7 +135,7 @@ class FirestorePreferenceSource:
             page = query.limit(size)
             if last is not None:
                 page = page.start_after(last)
-            docs = list(page.stream())
+            docs = list(page.stream(retry=self._retry(), timeout=30))
             self.pages_read += 1
             for doc in docs:
                 yield doc.id, _plain(doc.to_dict() or {})
@@ -140,6 +143,14 @@ class FirestorePreferenceSource:
             if len(docs) < size:
                 return
             last = docs[-1]
+
+    def _retry(self):
+        """Transient errors (unavailable, deadline exceeded) are retried with backoff, up to the deadline."""
+        from google.api_core.retry import Retry, if_transient_error
+
+        return Retry(
+            predicate=if_transient_error, initial=0.5, maximum=5.0, multiplier=2.0, timeout=self.retry_deadline_s
+        )
 
     def fetch(
         self, community_id: str, since: dt.datetime | None = None, limit: int | None = None
@@ -275,7 +286,7 @@ class FirestoreJobMirror:
                     record = self.read_job(job_id)
                 if record is not None:
                     doc = self.clients.firestore().collection(self.collection).document(job_id)
-                    doc.set({**record, "updatedAt": time.time()})
+                    doc.set({**record, "updatedAt": time.time()}, retry=None, timeout=10)  # this loop retries
                 with self._cond:
                     self._queue.popleft()
                     self._cond.notify_all()

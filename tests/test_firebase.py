@@ -39,6 +39,17 @@ def fb_server(emulators, tmp_path_factory):
         yield srv
 
 
+@pytest.fixture
+def own_emulators(tmp_path, monkeypatch):
+    """Emulators of this test alone (it stops one of them), their variables in the environment."""
+    from tools.emulators import Emulators
+
+    with Emulators(tmp_path / "emu") as emu:
+        for key, value in emu.env.items():
+            monkeypatch.setenv(key, value)
+        yield emu
+
+
 def blob_names(env, prefix=""):
     return sorted(b.name for b in clients_for(env).bucket().list_blobs(prefix=prefix))
 
@@ -216,28 +227,61 @@ def test_failed_upload_removes_what_it_wrote(firebase_env, tmp_path, monkeypatch
     assert blob_names(firebase_env, "policies/c/") == []
 
 
-def test_storage_down_mid_run_fails_the_job_and_leaves_no_manifest(tmp_path, toy, monkeypatch):
-    from tools.emulators import Emulators
+def test_storage_down_mid_run_fails_the_job_and_leaves_no_manifest(tmp_path, toy, own_emulators):
+    emu = own_emulators
+    env = {**emu.env, "DPO_STORAGE_RETRY_DEADLINE_S": "3"}
+    with firebase_server(tmp_path / "srv", env) as srv:
+        client = Client(srv.url, srv.secret)
+        job_id = client.trigger("unlucky", toy(256), {"epochs": 8}).json()["job_id"]
+        wait_for(client, job_id, states=("running",), step_at_least=1)
+        emu.stop("gcs")
+        ready = httpx.get(srv.url + "/ready").json()
+        assert ready["status"] == "unavailable" and ready["checks"]["artifact_store"].startswith(
+            "Cloud Storage unreachable"
+        )
+        job = wait_for(client, job_id, timeout_s=180)
+        assert job["status"] == "failed" and job["error"]["type"] == "storage_error"
+        assert "could not store the artifact at policies/unlucky/" in job["error"]["message"]
+        assert job["artifact"] is None
+        assert httpx.get(srv.url + "/health").status_code == 200  # the service itself stays up
+        emu.start_gcs()  # same port and filesystem root: what was written survived the restart
+        assert blob_names(emu.env, f"policies/unlucky/{job_id}/manifest.json") == []
+        with pytest.raises(DownloadError, match="the artifact is missing or incomplete"):
+            download(clients_for(emu.env), Settings(), job_id, tmp_path / "dl", "unlucky")
 
-    with Emulators(tmp_path / "emu") as emu:  # its own emulators: this test stops one
-        for key, value in emu.env.items():
-            monkeypatch.setenv(key, value)
-        env = {**emu.env, "DPO_STORAGE_RETRY_DEADLINE_S": "3"}
-        with firebase_server(tmp_path / "srv", env) as srv:
-            client = Client(srv.url, srv.secret)
-            job_id = client.trigger("unlucky", toy(256), {"epochs": 8}).json()["job_id"]
-            wait_for(client, job_id, states=("running",), step_at_least=1)
-            emu.stop("gcs")
-            ready = httpx.get(srv.url + "/ready").json()
-            assert ready["status"] == "unavailable" and ready["checks"]["artifact_store"].startswith(
-                "Cloud Storage unreachable"
-            )
-            job = wait_for(client, job_id, timeout_s=180)
-            assert job["status"] == "failed" and job["error"]["type"] == "storage_error"
-            assert "could not store the artifact at policies/unlucky/" in job["error"]["message"]
-            assert job["artifact"] is None
-            assert httpx.get(srv.url + "/health").status_code == 200  # the service itself stays up
-            emu.start_gcs()  # same port and filesystem root: what was written survived the restart
-            assert blob_names(emu.env, f"policies/unlucky/{job_id}/manifest.json") == []
-            with pytest.raises(DownloadError, match="the artifact is missing or incomplete"):
-                download(clients_for(emu.env), Settings(), job_id, tmp_path / "dl", "unlucky")
+
+def test_firestore_down_fails_source_jobs_clearly_but_inline_jobs_and_the_service_go_on(tmp_path, toy, own_emulators):
+    emu = own_emulators
+    with firebase_server(tmp_path / "srv", {**emu.env, "DPO_STORAGE_RETRY_DEADLINE_S": "3"}) as srv:
+        client = Client(srv.url, srv.secret)
+        emu.stop("firestore")
+        ready = httpx.get(srv.url + "/ready")
+        assert ready.status_code == 503 and ready.json()["checks"]["preference_source"].startswith(
+            "Firestore unreachable"
+        )
+        job = wait_for(client, client.trigger("needs-firestore").json()["job_id"], timeout_s=120)
+        assert job["status"] == "failed" and job["error"]["type"] == "source_error"
+        assert job["error"]["message"].startswith(
+            "could not read Firestore collection communities/needs-firestore/preferences"
+        )
+        # the job mirror cannot write either: logged and retried, never fatal to training
+        inline = wait_for(client, client.trigger("inline-ok", toy(32), {"epochs": 1}).json()["job_id"], timeout_s=120)
+        assert inline["status"] == "succeeded", inline["error"]
+        assert blob_names(emu.env, f"policies/inline-ok/{inline['job_id']}/manifest.json")
+        assert httpx.get(srv.url + "/health").status_code == 200
+    assert "job mirror write for" in srv.log_tail(200)
+
+
+def test_cloud_storage_back_within_the_retry_deadline_lets_the_job_succeed(tmp_path, toy, own_emulators):
+    emu = own_emulators
+    with firebase_server(tmp_path / "srv", {**emu.env, "DPO_STORAGE_RETRY_DEADLINE_S": "60"}) as srv:
+        client = Client(srv.url, srv.secret)
+        job_id = client.trigger("flaky", toy(256), {"epochs": 3}).json()["job_id"]
+        wait_for(client, job_id, states=("running",), step_at_least=1)
+        emu.stop("gcs")  # down while the job trains...
+        wait_for(client, job_id, states=("running",), step_at_least=87)  # ...and when it starts uploading
+        time.sleep(2)
+        emu.start_gcs()  # back: the upload's retries get through
+        job = wait_for(client, job_id, timeout_s=120)
+        assert job["status"] == "succeeded", job["error"]
+        assert blob_names(emu.env, f"policies/flaky/{job_id}/manifest.json")

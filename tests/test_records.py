@@ -87,9 +87,9 @@ def test_sample_file_matches_the_schema_and_normalises():
     ],
 )
 def test_bad_records_name_index_and_field(record, field, message):
-    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    good = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b"}]
     with pytest.raises(RecordError) as info:
-        normalise_records([good, good, record])
+        normalise_records([*good, record])
     err = info.value
     assert err.record == 2 and err.field == field and message in err.message
     assert str(err).startswith(f"record 2: field '{field}'")

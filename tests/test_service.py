@@ -242,7 +242,10 @@ def test_idempotency_key(client, toy):
 
 
 def test_list_paginates_newest_first_and_filters(client, toy):
-    ids = [client.trigger("listing", toy(4), FAST).json()["job_id"] for _ in range(3)]
+    ids = []
+    for _ in range(3):  # one active job per community: each waits for the one before
+        ids.append(client.trigger("listing", toy(4), FAST).json()["job_id"])
+        wait_for(client, ids[-1])
     page1 = client.get("/jobs", params={"communityId": "listing", "limit": 2}).json()
     assert [j["job_id"] for j in page1["jobs"]] == ids[::-1][:2] and page1["next_cursor"]
     page2 = client.get("/jobs", params={"communityId": "listing", "limit": 2, "cursor": page1["next_cursor"]}).json()
@@ -321,36 +324,40 @@ def test_allow_unsigned_starts_with_a_loud_warning(tmp_path):
     assert "DPO_ALLOW_UNSIGNED=1: requests are NOT authenticated" in srv.log_tail()
 
 
-def test_restart_marks_a_job_left_running_as_interrupted(tmp_path, toy):
-    srv = Server(tmp_path)
+def test_restart_after_a_crash_runs_the_job_again(tmp_path, toy):
+    srv = Server(tmp_path, env={"DPO_CHECKPOINT_EVERY": "0"})
     srv.start()
     client = Client(srv.url, srv.secret)
-    job_id = client.trigger("crash", toy(256), {"epochs": 20}).json()["job_id"]
+    job_id = client.trigger("crash", toy(64), {"epochs": 10}).json()["job_id"]
     wait_for(client, job_id, states=("running",), step_at_least=1)
     srv.stop(sig=signal.SIGKILL)
     assert any((tmp_path / "data" / "work").iterdir())  # the crash left its working directory
-    restarted = Server(tmp_path, secret=srv.secret)
-    with restarted:
-        job = Client(restarted.url, restarted.secret).get(f"/jobs/{job_id}").json()
-        assert job["status"] == "failed" and job["error"]["type"] == "interrupted"
-        assert not any((tmp_path / "data" / "work").iterdir())  # and the restart cleaned it up
+    with Server(tmp_path, secret=srv.secret) as restarted:
+        client = Client(restarted.url, restarted.secret)
+        job = wait_for(client, job_id)
+        states = [e["data"] for e in client.get(f"/jobs/{job_id}/events").json()["events"] if e["kind"] == "state"]
+    assert job["status"] == "succeeded", job["error"]
+    assert {"status": "queued", "reason": "restarting from the beginning after a restart (no checkpoint)"} in states
 
 
-def test_sigterm_stops_the_running_job_at_a_step_boundary_and_records_it(tmp_path, toy):
+def test_sigterm_checkpoints_the_running_job_and_the_next_start_resumes_it(tmp_path, toy):
     srv = Server(tmp_path)
     srv.start()
     client = Client(srv.url, srv.secret)
-    job_id = client.trigger("term", toy(256), {"epochs": 20}).json()["job_id"]
-    wait_for(client, job_id, states=("running",), step_at_least=1)
+    job_id = client.trigger("term", toy(256), {"epochs": 4}).json()["job_id"]
+    wait_for(client, job_id, states=("running",), step_at_least=3)
     started = time.time()
     srv.stop(sig=signal.SIGTERM)
     assert time.time() - started < 30
+    assert (tmp_path / "data" / "checkpoints" / job_id / "checkpoint").exists()
     with Server(tmp_path, secret=srv.secret) as again:
-        job = Client(again.url, again.secret).get(f"/jobs/{job_id}").json()
-    assert job["status"] == "failed" and job["error"] == {
-        "type": "interrupted",
-        "message": "stopped by server shutdown",
-    }
+        client = Client(again.url, again.secret)
+        job = wait_for(client, job_id)
+        events = client.get(f"/jobs/{job_id}/events").json()["events"]
+    assert job["status"] == "succeeded", job["error"]
+    reasons = [e["data"].get("reason") for e in events if e["kind"] == "state"]
+    assert "stopped by a server shutdown; resumes from its checkpoint on the next start" in reasons
+    assert [e["data"]["step"] for e in events if e["kind"] == "resumed"][0] >= 3
 
 
 # -- the subprocess path ------------------------------------------------------------------------

@@ -74,12 +74,18 @@ def toy_records(n: int = 256, fmt: str = "pairs", seed: int = 0) -> list[dict]:
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
+    combinations = len(TOPICS) * len(ASKS) * len(POLITE) * len(RUDE)
+    if n > combinations:
+        raise ValueError(f"n: at most {combinations} distinct toy records, got {n}")
+    out, seen = [], set()
+    while len(out) < n:
         t = rng.choice(TOPICS)
         prompt = rng.choice(ASKS).format(t=t)
         good, bad = rng.choice(POLITE).format(t=t), rng.choice(RUDE).format(t=t)
         bad = bad[0].upper() + bad[1:]
+        if (prompt, good, bad) in seen:  # duplicates are refused by the service: draw again
+            continue
+        seen.add((prompt, good, bad))
         if fmt == "pairs":
             out.append({"prompt": prompt, "chosen": good, "rejected": bad})
         elif fmt == "ranked":
