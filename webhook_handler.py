@@ -329,21 +329,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def limit_body(request: Request, call_next):
         """413 before a large body is read (Content-Length), or as soon as a streamed one passes the limit."""
         limit = settings.max_body_bytes
+        too_large = JSONResponse(
+            {"error": {"code": "payload_too_large", "message": f"request body larger than {limit} bytes"}},
+            status_code=413,
+        )
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return JSONResponse(
-                {"error": {"code": "payload_too_large", "message": f"request body larger than {limit} bytes"}},
-                status_code=413,
-            )
+            return too_large
         if request.method in ("POST", "PUT", "PATCH") and declared is None:
             received = bytearray()
             async for chunk in request.stream():
                 received += chunk
                 if len(received) > limit:
-                    return JSONResponse(
-                        {"error": {"code": "payload_too_large", "message": f"request body larger than {limit} bytes"}},
-                        status_code=413,
-                    )
+                    return too_large
             request._body = bytes(received)  # starlette reads the cached body later
         return await call_next(request)
 

@@ -120,13 +120,10 @@ class Runner:
         self._wake.set()
 
     def shutdown(self, timeout: float = 60.0) -> None:
-        """Stop taking jobs; running jobs stop at their next step boundary and are recorded."""
+        """Stop taking jobs; running jobs stop at their next step boundary, checkpoint and re-queue."""
         self._stopping.set()
         with self._lock:
-            for job_id in list(self._stop_requests) + [j for j in self._procs if j not in self._stop_requests]:
-                self._stop_requests.setdefault(job_id, "shutdown")
-            running = [job["id"] for job in self.store.list(status="running", limit=1000)[0]]
-            for job_id in running:
+            for job_id in self._started:  # the jobs this runner is running (a cancel already asked keeps its reason)
                 self._stop_requests.setdefault(job_id, "shutdown")
             for proc in self._procs.values():
                 proc.terminate()

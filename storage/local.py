@@ -31,7 +31,8 @@ class LocalPreferenceSource:
                     raise SourceError(f"{path.name}: {err}") from None
                 ids = [f"{path.name}:{i}" for i in range(len(records))]
                 if since is not None:  # like Firestore's where(createdAt >= since): records without it drop out
-                    keep = [i for i, r in enumerate(records) if _created_at(r) is not None and _created_at(r) >= since]
+                    created = [_created_at(r) for r in records]
+                    keep = [i for i, c in enumerate(created) if c is not None and c >= since]
                     records, ids = [records[i] for i in keep], [ids[i] for i in keep]
                 if limit is not None:
                     records, ids = records[:limit], ids[:limit]

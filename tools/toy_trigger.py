@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.serve import Server  # noqa: E402
 from tools.toy_data import toy_records  # noqa: E402
-from tools.trigger import Client  # noqa: E402
+from tools.trigger import Client, submit_and_follow  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,21 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting the service on {server.url} (log: {server.log_path})")
     try:
         server.start()
-        client = Client(server.url, server.secret)
-        response = client.trigger("toy-community", toy_records(args.n))
-        if response.status_code != 202:
-            print(f"trigger rejected: HTTP {response.status_code}: {response.text}", file=sys.stderr)
+        job = submit_and_follow(Client(server.url, server.secret), "toy-community", toy_records(args.n), timeout_s=1800)
+        if job is None or job["status"] != "succeeded":
+            print(server.log_tail(), file=sys.stderr)
             return 1
-        job_id = response.json()["job_id"]
-        print(f"job {job_id} queued")
-        job = client.follow(job_id, timeout_s=1800)
-        if job["status"] != "succeeded":
-            print(f"job {job_id} {job['status']}: {job['error']}\n{server.log_tail()}", file=sys.stderr)
-            return 1
-        accuracy = job["final_eval"].get("eval/rewards/accuracies")
-        print(f"job {job_id} succeeded")
-        print(f"held-out reward accuracy: {accuracy:.3f}")
-        print(f"artifact: {job['artifact']['uri']}")
         print("files: " + ", ".join(job["artifact"]["files"]))
         return 0
     except Exception as err:

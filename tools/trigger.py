@@ -102,23 +102,31 @@ def main(argv: list[str] | None = None) -> int:
     secret = os.environ.get("DPO_WEBHOOK_SECRET")
     client = Client(args.url, secret)
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
-    response = client.trigger(
-        args.community, dataset, json.loads(args.config) if args.config else None, headers=headers
+    job = submit_and_follow(
+        client, args.community, dataset, json.loads(args.config) if args.config else None, headers, args.timeout
     )
+    return 0 if job is not None and job["status"] == "succeeded" else 1
+
+
+def submit_and_follow(
+    client: Client, community: str, dataset, config=None, headers=None, timeout_s: float = 3600
+) -> dict | None:
+    """Trigger, follow to the end, print the outcome. Returns the final job, or None if refused."""
+    response = client.trigger(community, dataset, config, headers=headers)
     if response.status_code != 202:
         print(f"trigger rejected: HTTP {response.status_code}: {response.text}", file=sys.stderr)
-        return 1
+        return None
     job_id = response.json()["job_id"]
     print(f"job {job_id} queued ({response.json()['status_url']})")
-    job = client.follow(job_id, args.timeout)
+    job = client.follow(job_id, timeout_s)
     if job["status"] != "succeeded":
         print(f"job {job_id} {job['status']}: {job['error']}", file=sys.stderr)
-        return 1
+        return job
     accuracy = job["final_eval"].get("eval/rewards/accuracies")
     print(f"job {job_id} succeeded")
     print(f"held-out reward accuracy: {accuracy if accuracy is None else f'{accuracy:.3f}'}")
     print(f"artifact: {job['artifact']['uri']}")
-    return 0
+    return job
 
 
 if __name__ == "__main__":
