@@ -14,6 +14,8 @@ from training import TrainingCancelled, run_training
 from training.batching import collate
 from training.config import REPO_ROOT
 from training.logprobs import model_logps
+from training.loop import PairBatches, micro_batches
+from training.model import model_path
 from training.records import normalise_records
 from training.tokenize import tokenize_pairs
 
@@ -128,12 +130,34 @@ def test_dataset_smaller_than_a_batch_trains_on_what_it_has(tmp_path, toy, n):
         assert result.metrics["final_eval"]["eval/rewards/accuracies"] in (0.0, 1.0)
 
 
-def test_gradient_accumulation_equals_one_big_batch(tmp_path, toy):
+def test_micro_batches_stay_within_the_token_budget():
+    lengths = {0: 50, 1: 40, 2: 40, 3: 30, 4: 200}
+
+    def cost(idx):
+        return len(idx) * max(lengths[i] for i in idx)
+
+    assert micro_batches([0, 1, 2, 3], cost, None) == [[0, 1, 2, 3]]
+    assert micro_batches([0, 1, 2, 3], cost, 100) == [[0, 1], [2, 3]]
+    assert micro_batches([4, 3], cost, 100) == [[4], [3]]  # a pair over the budget goes alone
+    assert micro_batches([0, 1, 2, 3], cost, 10_000) == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("budget", [0, -5, 2.5, True, "512"])
+def test_bad_forward_token_budget_is_refused(tmp_path, toy, budget):
+    with pytest.raises(ValueError, match="model.max_forward_tokens: expected a positive integer or null"):
+        run_training(make_cfg(**{"model.max_forward_tokens": budget}), toy(4), tmp_path / "out")
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_token_budgeted_passes_equal_one_big_pass(tmp_path, toy, shared_prefix):
     records = toy(16)
-    a = run_training(make_cfg(**{"train.epochs": 1, "train.batch_size": 8}), records, tmp_path / "a").metrics
-    b = run_training(
-        make_cfg(**{"train.epochs": 1, "train.batch_size": 8, "train.micro_batch_size": 3}), records, tmp_path / "b"
-    ).metrics
+    tokenizer = AutoTokenizer.from_pretrained(model_path(make_cfg().model))
+    examples = tokenize_pairs(tokenizer, normalise_records(records)[0], 128, 64, "keep_end")
+    batches = PairBatches(examples, tokenizer.pad_token_id, torch.device("cpu"), shared_prefix)
+    assert batches.forward_tokens(list(range(8))) > 2 * 64  # so a budget of 64 splits every step
+    one_pass = {"train.epochs": 1, "train.batch_size": 8, "train.shared_prefix": shared_prefix}
+    a = run_training(make_cfg(**one_pass, **{"model.max_forward_tokens": None}), records, tmp_path / "a").metrics
+    b = run_training(make_cfg(**one_pass, **{"model.max_forward_tokens": 64}), records, tmp_path / "b").metrics
     for ha, hb in zip(a["history"], b["history"], strict=True):
         assert ha["loss"] == pytest.approx(hb["loss"], abs=1e-5)
         assert ha["grad_norm"] == pytest.approx(hb["grad_norm"], rel=1e-4)

@@ -99,6 +99,8 @@ def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str) 
             "model.lora.r": HYPER["lora_r"],
             "model.lora.alpha": 2 * HYPER["lora_r"],
             "model.dtype": "bfloat16" if device == "cuda" else "float32",
+            # the tiny model config's pass size is for a CPU; a GPU takes a whole step in one pass
+            "model.max_forward_tokens": None if device == "cuda" else 512,
             "loss.beta": HYPER["beta"],
             "train.learning_rate": HYPER["lr"],
             "train.batch_size": HYPER["batch_size"],

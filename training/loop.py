@@ -80,6 +80,13 @@ class PairBatches:
         ex = self.examples[i]
         return len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids)
 
+    def forward_tokens(self, indices: list[int]) -> int:
+        """Positions one forward pass over these pairs computes: rows x padded width."""
+        if self.collate is collate_shared_prefix:
+            return len(indices) * max(self.length(i) for i in indices)
+        pairs = [self.examples[i] for i in indices]
+        return 2 * len(pairs) * max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in pairs)
+
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.collate([self.examples[i] for i in indices], self.pad_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -125,6 +132,23 @@ def epoch_batches(order: list[int], batch_size: int, lengths, group: bool, gener
         chunk = sorted(order[start : start + window], key=lengths, reverse=True)
         out += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
+
+
+def micro_batches(
+    indices: list[int], forward_tokens: Callable[[list[int]], int], budget: int | None
+) -> list[list[int]]:
+    """Split one step's pairs into consecutive runs whose forward pass stays within `budget`
+    tokens (at least one pair each; None: one pass). Gradients accumulate over the runs, so the
+    step is the same; only the activation memory of a pass is bounded."""
+    if budget is None:
+        return [indices]
+    out = [[indices[0]]]
+    for i in indices[1:]:
+        if forward_tokens(out[-1] + [i]) <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk: int):
@@ -215,7 +239,9 @@ def train_policy(
             reference = None
 
     batch_size = tcfg.batch_size
-    micro = tcfg.micro_batch_size or batch_size
+    budget = cfg.model.max_forward_tokens
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"model.max_forward_tokens: expected a positive integer or null, got {budget!r}")
     steps_per_epoch = math.ceil(len(train_idx) / batch_size)
     total = steps_per_epoch * tcfg.epochs
     if tcfg.max_steps:
@@ -260,8 +286,8 @@ def train_policy(
                 raise TrainingCancelled(f"cancelled before step {state.step + 1} of {total}")
             step_start = time.perf_counter()
             parts, tokens = [], 0
-            for m in range(0, len(indices), micro):
-                batch = batches(indices[m : m + micro])
+            for micro in micro_batches(indices, batches.forward_tokens, budget):
+                batch = batches(micro)
                 tokens += batch_tokens(batch)
                 out, c, r = batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk)
                 (out.losses.sum() / len(indices)).backward()  # mean over the whole step's pairs
