@@ -5,7 +5,8 @@
 
 For each configuration (20M Llama-style model with vocab 384 or 32,000; full fine-tuning or
 LoRA r16) it runs, interleaved (A B C A B C ...), each in a fresh subprocess:
-  ours           our trainer, defaults (reference log-probs precomputed, shared prefix, grouping)
+  ours           our trainer, defaults (reference log-probs precomputed, shared prefix, grouping,
+                 passes of <= model.max_forward_tokens tokens; on a GPU one pass a step)
   trl            TRL's DPOTrainer, defaults (live reference: a copy, or LoRA adapters disabled)
   trl-precompute TRL with precompute_ref_log_probs=True (its fastest configuration)
 and records job wall time (model load to saved weights, reference work included), tokens/s
@@ -99,8 +100,8 @@ def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str) 
             "model.lora.r": HYPER["lora_r"],
             "model.lora.alpha": 2 * HYPER["lora_r"],
             "model.dtype": "bfloat16" if device == "cuda" else "float32",
-            # the tiny model config's pass size is for a CPU; a GPU takes a whole step in one pass
-            "model.max_forward_tokens": None if device == "cuda" else 512,
+            # the tiny model config's pass size is for a CPU; on a GPU a step goes in one pass
+            **({"model.max_forward_tokens": None} if device == "cuda" else {}),
             "loss.beta": HYPER["beta"],
             "train.learning_rate": HYPER["lr"],
             "train.batch_size": HYPER["batch_size"],

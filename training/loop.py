@@ -70,10 +70,21 @@ def make_optimizer(params, cfg):
 
 class PairBatches:
     """Turns example indices into device batches (shared-prefix rows, or chosen rows then
-    rejected rows); the indices travel with them to look up precomputed reference log-probs."""
+    rejected rows); the indices travel with them to look up precomputed reference log-probs.
+    `passes` splits a batch into forward passes of at most `max_forward_tokens` tokens."""
 
-    def __init__(self, examples: list[TokenizedPair], pad_id: int, device: torch.device, shared_prefix: bool = True):
-        self.examples, self.pad_id, self.device = examples, pad_id, device
+    def __init__(
+        self,
+        examples: list[TokenizedPair],
+        pad_id: int,
+        device: torch.device,
+        shared_prefix: bool = True,
+        max_forward_tokens: int | None = None,
+    ):
+        budget = max_forward_tokens
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"model.max_forward_tokens: expected a positive integer or null, got {budget!r}")
+        self.examples, self.pad_id, self.device, self.budget = examples, pad_id, device, budget
         self.collate = collate_shared_prefix if shared_prefix else collate
 
     def length(self, i: int) -> int:
@@ -86,6 +97,9 @@ class PairBatches:
             return len(indices) * max(self.length(i) for i in indices)
         pairs = [self.examples[i] for i in indices]
         return 2 * len(pairs) * max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in pairs)
+
+    def passes(self, indices: list[int]) -> list[list[int]]:
+        return micro_batches(indices, self.forward_tokens, self.budget)
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.collate([self.examples[i] for i in indices], self.pad_id)
@@ -113,11 +127,11 @@ def precompute_reference(reference: Reference, batches: PairBatches, n: int, bat
     rejected = torch.zeros(n, device=batches.device)
     order = sorted(range(n), key=batches.length)
     for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        batch = batches(idx)
-        with reference.active() as ref_model:
-            c, r, _ = model_logps(ref_model, batch, loss_cfg.average_log_prob, chunk)
-        chosen[batch["index"]], rejected[batch["index"]] = c, r
+        for idx in batches.passes(order[start : start + batch_size]):
+            batch = batches(idx)
+            with reference.active() as ref_model:
+                c, r, _ = model_logps(ref_model, batch, loss_cfg.average_log_prob, chunk)
+            chosen[batch["index"]], rejected[batch["index"]] = c, r
     return chosen, rejected
 
 
@@ -189,10 +203,9 @@ def evaluate(policy, batches, indices, reference, precomputed, loss_cfg, batch_s
     policy.eval()
     parts = []
     for start in range(0, len(indices), batch_size):
-        out, c, r = batch_loss(
-            policy, batches(indices[start : start + batch_size]), reference, precomputed, loss_cfg, chunk
-        )
-        parts.append((out.losses, out.chosen_rewards, out.rejected_rewards, c, r))
+        for idx in batches.passes(indices[start : start + batch_size]):
+            out, c, r = batch_loss(policy, batches(idx), reference, precomputed, loss_cfg, chunk)
+            parts.append((out.losses, out.chosen_rewards, out.rejected_rewards, c, r))
     policy.train(was_training)
     return summarise(*(torch.cat(p) for p in zip(*parts, strict=True)), prefix="eval/")
 
@@ -215,7 +228,7 @@ def train_policy(
     chunk = tcfg.logprob_chunk_size
     torch.manual_seed(tcfg.seed)
     train_idx, eval_idx = split_train_eval(len(examples), cfg.data.eval_fraction, cfg.data.max_eval_examples, tcfg.seed)
-    batches = PairBatches(examples, pad_id, device, tcfg.shared_prefix)
+    batches = PairBatches(examples, pad_id, device, tcfg.shared_prefix, cfg.model.max_forward_tokens)
     emit = on_progress or (lambda event: None)
     stop = should_stop or (lambda: False)
 
@@ -239,9 +252,6 @@ def train_policy(
             reference = None
 
     batch_size = tcfg.batch_size
-    budget = cfg.model.max_forward_tokens
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-        raise ValueError(f"model.max_forward_tokens: expected a positive integer or null, got {budget!r}")
     steps_per_epoch = math.ceil(len(train_idx) / batch_size)
     total = steps_per_epoch * tcfg.epochs
     if tcfg.max_steps:
@@ -286,7 +296,7 @@ def train_policy(
                 raise TrainingCancelled(f"cancelled before step {state.step + 1} of {total}")
             step_start = time.perf_counter()
             parts, tokens = [], 0
-            for micro in micro_batches(indices, batches.forward_tokens, budget):
+            for micro in batches.passes(indices):
                 batch = batches(micro)
                 tokens += batch_tokens(batch)
                 out, c, r = batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk)
