@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     train, heldout = records[:n_train], records[n_train:]
     matmul = matmul_gflops(args.device)
     print(f"{args.device} matmul rate ({'fp32' if args.device == 'cpu' else 'bf16'}): {matmul:.1f} GFLOP/s")
+    out = REPO / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     workdir = REPO / ".cache" / "bench"
     workdir.mkdir(parents=True, exist_ok=True)
     results = {
@@ -379,9 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             if t != "ours"
         }
         results["configs"][name] = entry
-    out = REPO / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+        out.write_text(json.dumps(results, indent=2))  # after each configuration: a cut-off run keeps what it finished
     print_table(results)
     print(f"results: {out}")
     return 0
