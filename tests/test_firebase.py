@@ -177,15 +177,21 @@ def test_job_mirror_goes_queued_running_succeeded_with_progress(fb_server, fireb
     client = Client(fb_server.url, fb_server.secret)
     db = clients_for(firebase_env).firestore()
     seen: list[tuple[str, str, int]] = []
-    done = threading.Event()
+    errors: list[str] = []
+    listening = threading.Event()
 
     def on_snapshot(docs, changes, read_time):
-        for doc in docs:
-            data = doc.to_dict()
-            seen.append((doc.id, data["status"], data["progress"]["step"]))
+        try:
+            for doc in docs:
+                data = doc.to_dict()
+                seen.append((doc.id, data["status"], data["progress"]["step"]))
+        except Exception as err:  # raised here, it would end the watch silently
+            errors.append(repr(err))
+        listening.set()
 
     watch = db.collection("dpo_jobs").on_snapshot(on_snapshot)  # what the upstream app would do
     try:
+        assert listening.wait(30), "the snapshot listener delivered no first snapshot in 30 s"
         blocker = client.trigger("mirror-blocker", toy(256), {"epochs": 50}).json()["job_id"]
         wait_for(client, blocker, states=("running",), step_at_least=1)
         job_id = client.trigger("mirror", toy(256), {"epochs": 3}).json()["job_id"]  # waits behind the blocker
@@ -195,9 +201,9 @@ def test_job_mirror_goes_queued_running_succeeded_with_progress(fb_server, fireb
         deadline = time.time() + 20
         while time.time() < deadline and not any(j == job_id and s == "succeeded" for j, s, _ in seen):
             time.sleep(0.1)
-        done.set()
     finally:
         watch.unsubscribe()
+    assert not errors, errors
     states = [s for j, s, _ in seen if j == job_id]
     order = [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
     assert order == ["queued", "running", "succeeded"], states

@@ -236,12 +236,17 @@ def test_non_utf8_body_is_a_clear_400(server):
 
 
 # -- crash recovery -----------------------------------------------------------------------------
-def test_sigkill_mid_training_then_restart_resumes_from_the_checkpoint(tmp_path, toy):
-    env = {"DPO_CHECKPOINT_EVERY": "5"}
+def start_and_trigger(tmp_path, env: dict, community: str, records: list, overrides: dict):
+    """A real server on tmp_path with env, and one job triggered on it: (server, client, job_id)."""
     srv = Server(tmp_path, env=env)
     srv.start()
     client = Client(srv.url, srv.secret)
-    job_id = client.trigger("crashy", toy(256), {"epochs": 3}).json()["job_id"]
+    return srv, client, client.trigger(community, records, overrides).json()["job_id"]
+
+
+def test_sigkill_mid_training_then_restart_resumes_from_the_checkpoint(tmp_path, toy):
+    env = {"DPO_CHECKPOINT_EVERY": "5"}
+    srv, client, job_id = start_and_trigger(tmp_path, env, "crashy", toy(256), {"epochs": 3})
     wait_for(client, job_id, states=("running",), step_at_least=12)
     srv.stop(sig=signal.SIGKILL)
     assert (tmp_path / "data" / "checkpoints" / job_id / "checkpoint" / "state.pt").exists()
@@ -258,10 +263,7 @@ def test_sigkill_mid_training_then_restart_resumes_from_the_checkpoint(tmp_path,
 
 def test_without_a_checkpoint_a_job_is_rerun_once_then_failed_interrupted(tmp_path, toy):
     env = {"DPO_CHECKPOINT_EVERY": "0"}
-    srv = Server(tmp_path, env=env)
-    srv.start()
-    client = Client(srv.url, srv.secret)
-    job_id = client.trigger("twice", toy(256), {"epochs": 50}).json()["job_id"]
+    srv, client, job_id = start_and_trigger(tmp_path, env, "twice", toy(256), {"epochs": 50})
     for _ in range(2):
         wait_for(client, job_id, states=("running",), step_at_least=1)
         srv.stop(sig=signal.SIGKILL)

@@ -131,15 +131,13 @@ def test_dataset_smaller_than_a_batch_trains_on_what_it_has(tmp_path, toy, n):
 
 
 def test_micro_batches_stay_within_the_token_budget():
-    lengths = {0: 50, 1: 40, 2: 40, 3: 30, 4: 200}
+    widths = {0: 50, 1: 40, 2: 40, 3: 30, 4: 200}.get
 
-    def cost(idx):
-        return len(idx) * max(lengths[i] for i in idx)
-
-    assert micro_batches([0, 1, 2, 3], cost, None) == [[0, 1, 2, 3]]
-    assert micro_batches([0, 1, 2, 3], cost, 100) == [[0, 1], [2, 3]]
-    assert micro_batches([4, 3], cost, 100) == [[4], [3]]  # a pair over the budget goes alone
-    assert micro_batches([0, 1, 2, 3], cost, 10_000) == [[0, 1, 2, 3]]
+    assert micro_batches([0, 1, 2, 3], widths, 1, None) == [[0, 1, 2, 3]]
+    assert micro_batches([0, 1, 2, 3], widths, 1, 100) == [[0, 1], [2, 3]]
+    assert micro_batches([4, 3], widths, 1, 100) == [[4], [3]]  # a pair over the budget goes alone
+    assert micro_batches([0, 1, 2, 3], widths, 1, 10_000) == [[0, 1, 2, 3]]
+    assert micro_batches([0, 1, 2, 3], widths, 2, 100) == [[0], [1], [2], [3]]  # two rows a pair
 
 
 @pytest.mark.parametrize("budget", [0, -5, 2.5, True, "512"])
@@ -154,7 +152,8 @@ def test_token_budgeted_passes_equal_one_big_pass(tmp_path, toy, shared_prefix):
     tokenizer = AutoTokenizer.from_pretrained(model_path(make_cfg().model))
     examples = tokenize_pairs(tokenizer, normalise_records(records)[0], 128, 64, "keep_end")
     batches = PairBatches(examples, tokenizer.pad_token_id, torch.device("cpu"), shared_prefix)
-    assert batches.forward_tokens(list(range(8))) > 2 * 64  # so a budget of 64 splits every step
+    first_step_tokens = batches.rows_per_pair * 8 * max(batches.width(i) for i in range(8))
+    assert first_step_tokens > 2 * 64  # so a budget of 64 splits every step
     one_pass = {"train.epochs": 1, "train.batch_size": 8, "train.shared_prefix": shared_prefix}
     a = run_training(make_cfg(**one_pass, **{"model.max_forward_tokens": None}), records, tmp_path / "a").metrics
     b = run_training(make_cfg(**one_pass, **{"model.max_forward_tokens": 64}), records, tmp_path / "b").metrics

@@ -86,20 +86,21 @@ class PairBatches:
             raise ValueError(f"model.max_forward_tokens: expected a positive integer or null, got {budget!r}")
         self.examples, self.pad_id, self.device, self.budget = examples, pad_id, device, budget
         self.collate = collate_shared_prefix if shared_prefix else collate
+        self.rows_per_pair = 1 if shared_prefix else 2
 
     def length(self, i: int) -> int:
         ex = self.examples[i]
         return len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids)
 
-    def forward_tokens(self, indices: list[int]) -> int:
-        """Positions one forward pass over these pairs computes: rows x padded width."""
-        if self.collate is collate_shared_prefix:
-            return len(indices) * max(self.length(i) for i in indices)
-        pairs = [self.examples[i] for i in indices]
-        return 2 * len(pairs) * max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in pairs)
+    def width(self, i: int) -> int:
+        """The row width pair i needs in this layout."""
+        if self.rows_per_pair == 1:
+            return self.length(i)
+        ex = self.examples[i]
+        return len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
 
     def passes(self, indices: list[int]) -> list[list[int]]:
-        return micro_batches(indices, self.forward_tokens, self.budget)
+        return micro_batches(indices, self.width, self.rows_per_pair, self.budget)
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.collate([self.examples[i] for i in indices], self.pad_id)
@@ -149,19 +150,22 @@ def epoch_batches(order: list[int], batch_size: int, lengths, group: bool, gener
 
 
 def micro_batches(
-    indices: list[int], forward_tokens: Callable[[list[int]], int], budget: int | None
+    indices: list[int], width: Callable[[int], int], rows_per_pair: int, budget: int | None
 ) -> list[list[int]]:
-    """Split one step's pairs into consecutive runs whose forward pass stays within `budget`
-    tokens (at least one pair each; None: one pass). Gradients accumulate over the runs, so the
-    step is the same; only the activation memory of a pass is bounded."""
+    """Split one step's pairs into consecutive runs whose forward pass (rows x padded width)
+    stays within `budget` tokens (at least one pair each; None: one pass). Gradients accumulate
+    over the runs, so the step is the same; only the activation memory of a pass is bounded."""
     if budget is None:
         return [indices]
-    out = [[indices[0]]]
-    for i in indices[1:]:
-        if forward_tokens(out[-1] + [i]) <= budget:
+    out, widest = [], 0
+    for i in indices:
+        w = max(widest, width(i))
+        if out and rows_per_pair * (len(out[-1]) + 1) * w <= budget:
             out[-1].append(i)
+            widest = w
         else:
             out.append([i])
+            widest = width(i)
     return out
 
 
