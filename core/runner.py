@@ -30,6 +30,10 @@ from training.config import REPO_ROOT, compose_config
 from training.records import RecordError, normalise_records
 
 log = logging.getLogger(__name__)
+HELDOUT_REGRESSED = (
+    "held-out metrics got worse during training (higher loss or lower reward margin than the initial"
+    " model): the data may be inconsistent, or the learning rate too high; final_eval has eval/regressed"
+)
 
 
 class Stopped(Exception):
@@ -289,6 +293,8 @@ class Runner:
         if self._should_stop(job_id):
             raise Stopped()
         final_eval = result.get("final_eval", {})
+        if final_eval.get("eval/regressed"):
+            self.store.add_event(job_id, "warning", {"message": HELDOUT_REGRESSED})
         stored = self.artifacts.save(out_dir, community, job_id, manifest_extra={"final_eval": final_eval})
         return {
             "status": "succeeded",

@@ -36,7 +36,9 @@ def save_plot(path: Path, history: list[dict], evals: list[dict]) -> None:
     ax_acc.plot(steps, [h["rewards/margins"] for h in history], label="train margin", alpha=0.6)
     if evals:
         ax_loss.plot([e["step"] for e in evals], [e["eval/loss"] for e in evals], "o-", label="eval")
-        ax_acc.plot([e["step"] for e in evals], [e["eval/rewards/accuracies"] for e in evals], "o-", label="eval")
+        eval_steps = [e["step"] for e in evals]
+        ax_acc.plot(eval_steps, [e["eval/rewards/accuracies"] for e in evals], "o-", label="eval")
+        ax_acc.plot(eval_steps, [e["eval/rewards/margins"] for e in evals], "s--", label="eval margin")
     ax_loss.set(title="loss", xlabel="step")
     ax_acc.set(title="reward accuracy / margin", xlabel="step")
     for ax in (ax_loss, ax_acc):

@@ -44,6 +44,23 @@ def split_train_eval(n: int, eval_fraction: float, max_eval: int, seed: int) -> 
     return order[n_eval:], order[:n_eval]
 
 
+def eval_steps(total: int, evals: int) -> set[int]:
+    """The steps after which held-out metrics are computed: `evals` points spread evenly over
+    the job, the last at its end (0: only at the end). Step 0 (the baseline) is always added."""
+    if isinstance(evals, bool) or not isinstance(evals, int) or evals < 0:
+        raise ValueError(f"train.evals: expected a non-negative integer, got {evals!r}")
+    points = max(1, min(evals, total))
+    return {0, total} | {round(total * k / points) for k in range(1, points + 1)}
+
+
+def heldout_regressed(baseline: dict, final: dict) -> bool:
+    """True when training made the held-out set worse than the initial policy had it: a higher
+    held-out loss or a lower reward margin (the policy moved towards the rejected answers)."""
+    return final["eval/loss"] > baseline["eval/loss"] + 1e-6 or (
+        final["eval/rewards/margins"] < baseline["eval/rewards/margins"] - 1e-6
+    )
+
+
 def lr_lambda(scheduler: str, warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:  # step = optimizer steps taken so far
         if warmup and step < warmup:
@@ -100,7 +117,10 @@ class PairBatches:
         return len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
 
     def passes(self, indices: list[int]) -> list[list[int]]:
-        return micro_batches(indices, self.width, self.rows_per_pair, self.budget)
+        """A step's pairs, widest first, in passes of at most `budget` tokens: sorting inside the
+        step cuts padding and leaves the step's gradient (a sum over its pairs) unchanged."""
+        by_width = sorted(indices, key=self.width, reverse=True)
+        return micro_batches(by_width, self.width, self.rows_per_pair, self.budget)
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.collate([self.examples[i] for i in indices], self.pad_id)
@@ -136,17 +156,12 @@ def precompute_reference(reference: Reference, batches: PairBatches, n: int, bat
     return chosen, rejected
 
 
-def epoch_batches(order: list[int], batch_size: int, lengths, group: bool, generator) -> list[list[int]]:
-    """Split a shuffled order into batches. With `group`, examples of similar length share a batch
-    (sorted within windows of 50 batches, then the batches shuffled) so little is padding."""
-    if not group:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    window = 50 * batch_size
-    out = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lengths, reverse=True)
-        out += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
+def step_batches(order: list[int], batch_size: int) -> list[list[int]]:
+    """Split an epoch's shuffled order into optimizer steps. A step is a uniform random sample of
+    the training pairs, whatever their lengths: steps built from pairs of similar length are
+    correlated (e.g. the longer answer preferred in every pair of a step) and slow learning of
+    what the data says (plan/decisions.md D18). Padding is reduced inside a step instead."""
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def micro_batches(
@@ -278,6 +293,18 @@ def train_policy(
         start_epoch, skip = resume["position"]["epoch"], resume["position"]["batches_done"]
         state.step, state.history, state.evals = resume["step"], resume["history"], resume["evals"]
         emit({"kind": "resumed", "step": state.step, "total_steps": total})
+    eval_at = eval_steps(total, tcfg.evals) if eval_idx else set()
+
+    def run_eval() -> None:
+        """Held-out metrics now, recorded in state.evals (kept in checkpoints) and emitted."""
+        result = evaluate(policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk)
+        if state.evals and state.step == total:  # the end: flag a job that made the held-out set worse
+            result["eval/regressed"] = heldout_regressed(state.evals[0], result)
+        state.evals.append({"step": state.step, **result})
+        emit({"kind": "eval", "step": state.step, "total_steps": total, "metrics": result})
+
+    if eval_idx and not state.evals:
+        run_eval()  # the baseline: held-out metrics of the initial policy
     policy.train()
     start_time = time.perf_counter()
 
@@ -289,8 +316,8 @@ def train_policy(
     for epoch in range(start_epoch, tcfg.epochs):
         epoch_generator_state = generator.get_state()  # replaying it rebuilds this epoch's batches on resume
         order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=generator).tolist()]
-        step_batches = epoch_batches(order, batch_size, batches.length, tcfg.group_by_length, generator)
-        for position, indices in enumerate(step_batches):
+        steps = step_batches(order, batch_size)
+        for position, indices in enumerate(steps):
             if epoch == start_epoch and position < skip:
                 continue  # done before the checkpoint
             if state.step >= total:
@@ -316,7 +343,7 @@ def train_policy(
             metrics = summarise(*(torch.cat(p) for p in zip(*parts, strict=True)))
             metrics.update(
                 step=state.step,
-                epoch=epoch + (position + 1) / len(step_batches),
+                epoch=epoch + (position + 1) / len(steps),
                 grad_norm=float(grad_norm),
                 lr=lr,
                 tokens=tokens,
@@ -335,13 +362,9 @@ def train_policy(
             )
             if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < total:
                 checkpoint(epoch, position + 1, epoch_generator_state)
-            if eval_idx and tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < total:
-                result = evaluate(policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk)
-                state.evals.append({"step": state.step, **result})
-                emit({"kind": "eval", "step": state.step, "total_steps": total, "metrics": result})
+            if state.step in eval_at and state.step < total:
+                run_eval()
 
     if eval_idx:
-        result = evaluate(policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk)
-        state.evals.append({"step": state.step, **result})
-        emit({"kind": "eval", "step": state.step, "total_steps": total, "metrics": result})
+        run_eval()
     return state
