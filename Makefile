@@ -83,8 +83,12 @@ emulators: setup ## Start the Firestore emulator and fake-gcs-server on loopback
 
 ## -- performance and robustness -------------------------------------------------------------
 .PHONY: bench
-bench: setup ## Our trainer vs TRL's DPOTrainer, interleaved, 4 configurations (~1 h); BENCH_ARGS=--quick for < 3 min
+bench: setup ## Our trainer vs TRL's DPOTrainer, interleaved, 4 configurations x 2 tasks (~2 h); BENCH_ARGS=--quick for ~5 min
 	$(PY) tools/bench.py $(BENCH_ARGS)
+
+.PHONY: bench-learning
+bench-learning: setup ## What ours and TRL learn: 4 tasks (3 content), full + LoRA, 5 seeds (~1 h); BENCH_ARGS=--quick for ~3 min
+	$(PY) tools/bench_learning.py $(BENCH_ARGS)
 
 .PHONY: bench-api
 bench-api: setup ## /health latency at 100 req/s while a job trains, and 10,000-record trigger accept latency

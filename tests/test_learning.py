@@ -83,7 +83,7 @@ def test_held_out_metrics_are_tracked_over_the_job(tmp_path, toy):
     total = result.metrics["total_steps"]
     evals = result.metrics["evals"]
     assert [e["step"] for e in evals] == sorted(eval_steps(total, 4)) and evals[0]["step"] == 0
-    assert evals[0]["eval/rewards/margins"] == 0.0  # the initial policy is the reference
+    assert abs(evals[0]["eval/rewards/margins"]) < 1e-4  # the initial policy is the reference
     assert [e["step"] for e in events if e["kind"] == "eval"] == [e["step"] for e in evals]
     assert result.metrics["final_eval"]["eval/regressed"] is False
     assert "eval/regressed" not in evals[0]

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from core.auth import HEADER, sign, verify
+from core.runner import HELDOUT_REGRESSED
 from tests.service_helpers import FAST, wait_for
 from tools.serve import Server
 from tools.trigger import Client
@@ -69,6 +70,21 @@ def test_signed_toy_trigger_trains_and_stores_a_loadable_artifact(server, client
     assert any(e["kind"] == "progress" for e in events) and any(e["kind"] == "eval" for e in events)
     later = client.get(f"/jobs/{body['job_id']}/events", params={"after": seqs[-2]}).json()
     assert [e["seq"] for e in later["events"]] == [seqs[-1]] and later["last_seq"] == seqs[-1]
+    evals = [e["data"] for e in events if e["kind"] == "eval"]
+    assert len(evals) >= 3 and abs(evals[0]["eval/rewards/margins"]) < 1e-4  # baseline, then over the job
+    assert job["final_eval"]["eval/regressed"] is False and not any(e["kind"] == "warning" for e in events)
+
+
+def test_a_job_that_makes_held_out_pairs_worse_succeeds_with_a_warning(client, toy):
+    records = toy(40)  # and each one mirrored: training on a pair's mirror un-learns the pair
+    mirrored = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in records]
+    response = client.trigger("mirrored", records + mirrored, {"epochs": 4})
+    assert response.status_code == 202, response.text
+    job = wait_for(client, response.json()["job_id"])
+    assert job["status"] == "succeeded" and job["final_eval"]["eval/regressed"] is True, job["final_eval"]
+    events = client.get(f"/jobs/{job['job_id']}/events").json()["events"]
+    warnings = [e["data"]["message"] for e in events if e["kind"] == "warning"]
+    assert warnings == [HELDOUT_REGRESSED]
 
 
 def test_records_from_the_local_preference_source(server, client, toy):

@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tools.learning_tasks import task_split  # noqa: E402
+
 MODEL = {"hidden_size": 384, "num_layers": 8, "num_heads": 6, "intermediate_size": 1536, "vocab_size": 384}
 HYPER = {"beta": 0.1, "lr": 5e-4, "batch_size": 8, "max_length": 128, "warmup": 5, "epochs": 1, "seed": 0, "lora_r": 16}
 CONFIGS = {
@@ -88,7 +90,7 @@ def matmul_params(model) -> int:
 
 
 # -- one run (in its own process) --------------------------------------------------------------
-def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str) -> dict:
+def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str, hyper: dict = HYPER) -> dict:
     from training.config import compose_config
     from training.facade import run_training
 
@@ -97,20 +99,20 @@ def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str) 
             "model.name_or_path": str(model_path),
             "model.build": None,
             "model.lora.enabled": lora,
-            "model.lora.r": HYPER["lora_r"],
-            "model.lora.alpha": 2 * HYPER["lora_r"],
+            "model.lora.r": hyper["lora_r"],
+            "model.lora.alpha": 2 * hyper["lora_r"],
             "model.dtype": "bfloat16" if device == "cuda" else "float32",
             # the tiny model config's pass size is for a CPU; on a GPU a step goes in one pass
             **({"model.max_forward_tokens": None} if device == "cuda" else {}),
-            "loss.beta": HYPER["beta"],
-            "train.learning_rate": HYPER["lr"],
-            "train.batch_size": HYPER["batch_size"],
-            "train.epochs": HYPER["epochs"],
-            "train.warmup_steps": HYPER["warmup"],
-            "train.seed": HYPER["seed"],
+            "loss.beta": hyper["beta"],
+            "train.learning_rate": hyper["lr"],
+            "train.batch_size": hyper["batch_size"],
+            "train.epochs": hyper["epochs"],
+            "train.warmup_steps": hyper["warmup"],
+            "train.seed": hyper["seed"],
             "train.plot": False,
             "train.device": device,
-            "data.max_length": HYPER["max_length"],
+            "data.max_length": hyper["max_length"],
             "data.eval_fraction": 0.0,  # the bench evaluates every run itself, on the same held-out set
         }
     )
@@ -119,7 +121,9 @@ def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str) 
     return {"final_train_loss": history[-1]["loss"], "train_tokens": sum(h["tokens"] for h in history)}
 
 
-def run_trl(model_path: Path, train: list, lora: bool, out: Path, precompute: bool, device: str) -> dict:
+def run_trl(
+    model_path: Path, train: list, lora: bool, out: Path, precompute: bool, device: str, hyper: dict = HYPER
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -141,19 +145,19 @@ def run_trl(model_path: Path, train: list, lora: bool, out: Path, precompute: bo
         from peft import LoraConfig
 
         peft_config = LoraConfig(
-            r=HYPER["lora_r"], lora_alpha=2 * HYPER["lora_r"], target_modules="all-linear", task_type="CAUSAL_LM"
+            r=hyper["lora_r"], lora_alpha=2 * hyper["lora_r"], target_modules="all-linear", task_type="CAUSAL_LM"
         )
     args = DPOConfig(
         output_dir=str(out / "trl"),
-        beta=HYPER["beta"],
-        learning_rate=HYPER["lr"],
-        per_device_train_batch_size=HYPER["batch_size"],
-        num_train_epochs=HYPER["epochs"],
-        warmup_steps=HYPER["warmup"],
+        beta=hyper["beta"],
+        learning_rate=hyper["lr"],
+        per_device_train_batch_size=hyper["batch_size"],
+        num_train_epochs=hyper["epochs"],
+        warmup_steps=hyper["warmup"],
         lr_scheduler_type="linear",
         max_grad_norm=1.0,
-        max_length=HYPER["max_length"],
-        seed=HYPER["seed"],
+        max_length=hyper["max_length"],
+        seed=hyper["seed"],
         precompute_ref_log_probs=precompute,
         logging_steps=1,
         save_strategy="no",
@@ -330,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     trainers = ["ours", "trl"] if args.quick else ["ours", "trl", "trl-precompute"]
     n_train = args.pairs or (48 if args.quick else 512)
     records = bench_records(n_train + 64, seed=1)
-    train, heldout = records[:n_train], records[n_train:]
+    # the style task (a surface cue) and a content task: speed ratios count only where both learn alike
+    datasets = {"style": (records[:n_train], records[n_train:]), "fact": task_split("fact", n_train, 64, seed=1)}
     matmul = matmul_gflops(args.device)
     print(f"{args.device} matmul rate ({'fp32' if args.device == 'cpu' else 'bf16'}): {matmul:.1f} GFLOP/s")
     out = REPO / args.out
@@ -340,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "meta": {
             "pairs": n_train,
-            "heldout": len(heldout),
+            "heldout": 64,
+            "tasks": list(datasets),
             "repeats": args.repeats,
             "threads": args.threads,
             "device": args.device,
@@ -357,31 +363,35 @@ def main(argv: list[str] | None = None) -> int:
         # useful work per non-pad token: fwd+bwd of the policy (6N; LoRA: 4N, no weight gradients)
         # plus one reference forward (2N), however (or whether) the trainer does it.
         flops_per_token = (4 if config["lora"] else 6) * params + 2 * params
-        tokens = sequence_tokens(path, train)
-        runs = {t: [] for t in trainers}
-        for repeat in range(args.repeats):
-            for trainer in trainers:  # interleaved: A B C A B C
-                r = run_one(trainer, path, config, train, heldout, workdir, args.threads, args.device)
-                runs[trainer].append(r)
-                print(
-                    f"  {name} repeat {repeat + 1} {trainer:15s} wall {r['wall_s']:7.1f} s  rss {r['peak_rss_mb']:6.0f} MB"
-                    f"  loss {r['final_train_loss']:.4f}  acc {r['eval_reward_accuracy']:.3f}",
-                    flush=True,
-                )
-        entry = {t: summarise(runs[t], tokens, flops_per_token, matmul or 0) for t in trainers}
-        entry["tokens"] = tokens
-        entry["ratios"] = {
-            f"ours/{t}": {
-                "wall_s": entry["ours"]["wall_s"] / entry[t]["wall_s"],
-                "tokens_per_s": entry["ours"]["tokens_per_s"] / entry[t]["tokens_per_s"],
-                "peak_rss_mb": entry["ours"]["peak_rss_mb"] / entry[t]["peak_rss_mb"],
-                "eval_reward_accuracy_diff": entry["ours"]["eval_reward_accuracy"] - entry[t]["eval_reward_accuracy"],
+        for task, (train, heldout) in datasets.items():
+            key = f"{name} {task}"
+            tokens = sequence_tokens(path, train)
+            runs = {t: [] for t in trainers}
+            for repeat in range(args.repeats):
+                for trainer in trainers:  # interleaved: A B C A B C
+                    r = run_one(trainer, path, config, train, heldout, workdir, args.threads, args.device)
+                    runs[trainer].append(r)
+                    print(
+                        f"  {key} repeat {repeat + 1} {trainer:15s} wall {r['wall_s']:7.1f} s  rss {r['peak_rss_mb']:6.0f} MB"
+                        f"  loss {r['final_train_loss']:.4f}  acc {r['eval_reward_accuracy']:.3f}",
+                        flush=True,
+                    )
+            entry = {t: summarise(runs[t], tokens, flops_per_token, matmul or 0) for t in trainers}
+            entry["tokens"] = tokens
+            entry["ratios"] = {
+                f"ours/{t}": {
+                    "wall_s": entry["ours"]["wall_s"] / entry[t]["wall_s"],
+                    "tokens_per_s": entry["ours"]["tokens_per_s"] / entry[t]["tokens_per_s"],
+                    "peak_rss_mb": entry["ours"]["peak_rss_mb"] / entry[t]["peak_rss_mb"],
+                    "eval_reward_accuracy_diff": entry["ours"]["eval_reward_accuracy"]
+                    - entry[t]["eval_reward_accuracy"],
+                }
+                for t in trainers
+                if t != "ours"
             }
-            for t in trainers
-            if t != "ours"
-        }
-        results["configs"][name] = entry
-        out.write_text(json.dumps(results, indent=2))  # after each configuration: a cut-off run keeps what it finished
+            results["configs"][key] = entry
+            # after each configuration and task: a cut-off run keeps what it finished
+            out.write_text(json.dumps(results, indent=2))
     print_table(results)
     print(f"results: {out}")
     return 0
@@ -389,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: dict) -> None:
     print(
-        f"\n{'config':10s} {'trainer':15s} {'wall s':>8s} {'tok/s':>8s} {'RSS MB':>8s} {'loss':>7s} {'acc':>6s} {'GFLOP/s':>8s} {'%matmul':>8s}"
+        f"\n{'config':16s} {'trainer':15s} {'wall s':>8s} {'tok/s':>8s} {'RSS MB':>8s} {'loss':>7s} {'acc':>6s} {'GFLOP/s':>8s} {'%matmul':>8s}"
     )
     for name, entry in results["configs"].items():
         for trainer, r in entry.items():
@@ -397,13 +407,13 @@ def print_table(results: dict) -> None:
                 continue
             frac = r["useful_fraction_of_matmul"]
             print(
-                f"{name:10s} {trainer:15s} {r['wall_s']:8.1f} {r['tokens_per_s']:8.0f} {r['peak_rss_mb']:8.0f} "
+                f"{name:16s} {trainer:15s} {r['wall_s']:8.1f} {r['tokens_per_s']:8.0f} {r['peak_rss_mb']:8.0f} "
                 f"{r['final_train_loss']:7.4f} {r['eval_reward_accuracy']:6.3f} {r['useful_gflops']:8.1f} "
                 f"{(100 * frac if frac else float('nan')):7.1f}%"
             )
         for key, ratio in entry["ratios"].items():
             print(
-                f"{'':10s} {key:15s} wall x{ratio['wall_s']:.2f}  tok/s x{ratio['tokens_per_s']:.2f}  "
+                f"{'':16s} {key:15s} wall x{ratio['wall_s']:.2f}  tok/s x{ratio['tokens_per_s']:.2f}  "
                 f"RSS x{ratio['peak_rss_mb']:.2f}  acc {ratio['eval_reward_accuracy_diff']:+.3f}"
             )
 

@@ -18,7 +18,7 @@ else
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'; } 2>&1 | tee "$out/env.txt"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_losses.py tests/test_logprobs.py \
-    tests/test_tokenize.py tests/test_records.py tests/test_config.py tests/test_training_e2e.py tests/test_trl_crosscheck.py 2>&1 | tee "$out/tests.txt"
+    tests/test_tokenize.py tests/test_records.py tests/test_config.py tests/test_training_e2e.py tests/test_learning.py tests/test_trl_crosscheck.py 2>&1 | tee "$out/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 timeout 420 python3 tools/bench.py --device cuda --configs full-v32k,lora-v32k --repeats 2 --pairs 512 --threads 8 \
     --out "$out/bench-gpu.json" 2>&1 | tee "$out/bench.txt"
