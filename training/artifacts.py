@@ -39,6 +39,8 @@ def save_plot(path: Path, history: list[dict], evals: list[dict]) -> None:
         eval_steps = [e["step"] for e in evals]
         ax_acc.plot(eval_steps, [e["eval/rewards/accuracies"] for e in evals], "o-", label="eval")
         ax_acc.plot(eval_steps, [e["eval/rewards/margins"] for e in evals], "s--", label="eval margin")
+    if evals and evals[-1].get("eval/regressed"):
+        fig.suptitle("held-out metrics ended worse than at step 0 (eval/regressed)", color="tab:red")
     ax_loss.set(title="loss", xlabel="step")
     ax_acc.set(title="reward accuracy / margin", xlabel="step")
     for ax in (ax_loss, ax_acc):
