@@ -59,3 +59,10 @@ def test_independent_evaluator_agrees_with_the_trainers_logprobs(tiny_model_path
     torch.testing.assert_close(ours, chosen.float(), atol=1e-4, rtol=0)
     ours = torch.tensor(response_logps(model, tokenizer, records, "rejected", "cpu", rows=4))
     torch.testing.assert_close(ours, rejected.float(), atol=1e-4, rtol=0)
+
+
+def test_paired_difference_is_seed_by_seed():
+    from tools.bench_learning import paired_difference
+
+    d = paired_difference([0.6, 0.7], [0.5, 0.5])
+    assert d["mean"] == pytest.approx(0.15) and d["se"] == pytest.approx(0.05) and d["runs"] == [0.1, 0.2]

@@ -222,6 +222,23 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def paired_difference(ours: list[float], trl: list[float]) -> dict:
+    """Ours - TRL, seed by seed (same data and initial weights), and the standard error of its
+    mean: a gap within ~2 standard errors is what seed-to-seed noise alone gives."""
+    diffs = [o - t for o, t in zip(ours, trl, strict=True)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {"mean": statistics.fmean(diffs), "se": se, "runs": [round(d, 4) for d in diffs]}
+
+
+def add_difference(per_trainer: dict) -> None:
+    """per_trainer["diff"]: ours - TRL for accuracy and margin, once both have run."""
+    if {"ours", "trl"} <= set(per_trainer):
+        per_trainer["diff"] = {
+            key: paired_difference(per_trainer["ours"][key]["runs"], per_trainer["trl"][key]["runs"])
+            for key in ("accuracy", "margin")
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the quick suite: a smoke check in a few minutes")
@@ -237,10 +254,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes at once (threads x jobs <= cores)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", default="bench-results/learning.json")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1 (to add seeds to a run)")
+    parser.add_argument("--report", default=None, help="print the table of an earlier results file and exit")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(Path(args.worker), args.threads)
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        for suite in results["suites"].values():
+            for entry in suite["tasks"].values():
+                for mode in ("full", "lora"):
+                    add_difference(entry.get(mode, {}))
+        print_table(results)
+        return 0
 
     suites = {}
     for name in ["quick"] if args.quick else args.suites.split(","):
@@ -270,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             "jobs": args.jobs,
             "device": args.device,
             "evaluator": "plain forward, separate rows, policy vs initial model",
+            "first_seed": args.first_seed,
         },
         "suites": {name: {"settings": suite, "tasks": {}} for name, suite in suites.items()},
     }
@@ -277,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     groups = []  # (suite, task, mode, trainer, runs): one worker process each
     for name, suite in suites.items():
         for task in suite["tasks"]:
-            data = {seed: task_split(task, suite["pairs"], HELDOUT, seed) for seed in range(suite["seeds"])}
+            seeds = range(args.first_seed, args.first_seed + suite["seeds"])
+            data = {seed: task_split(task, suite["pairs"], HELDOUT, seed) for seed in seeds}
             models = {seed: model_for_seed(seed) for seed in data}
             runs = [{"seed": s, "model": str(models[s]), "train": data[s][0], "heldout": data[s][1]} for s in data]
-            guess = statistics.fmean(length_guess_accuracy(models[0], data[s][1]) for s in data)
+            guess = statistics.fmean(length_guess_accuracy(models[args.first_seed], data[s][1]) for s in data)
             results["suites"][name]["tasks"][task] = {"length_guess_accuracy": guess}
             groups += [(name, task, mode, t, runs) for mode in suite["modes"] for t in args.trainers.split(",")]
 
@@ -293,11 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         with lock:
             per_trainer = results["suites"][name]["tasks"][task].setdefault(mode, {})
             per_trainer[trainer] = summary
-            if {"ours", "trl"} <= set(per_trainer):
-                per_trainer["diff"] = {
-                    key: per_trainer["ours"][key]["mean"] - per_trainer["trl"][key]["mean"]
-                    for key in ("accuracy", "margin")
-                }
+            add_difference(per_trainer)
             out.write_text(json.dumps(results, indent=2))  # after each group: a cut-off run keeps what it finished
             acc = summary["accuracy"]
             print(
@@ -324,17 +349,17 @@ def print_table(results: dict) -> None:
             f"({st['pairs']} pairs, {st['epochs']} epochs, lr {st['lr']})"
         )
         print(
-            f"{'task':11s} {'mode':5s} {'ours acc':>15s} {'trl acc':>15s} {'diff':>7s} "
+            f"{'task':11s} {'mode':5s} {'ours acc':>15s} {'trl acc':>15s} {'diff (se)':>16s} "
             f"{'ours margin':>12s} {'trl margin':>12s} {'len guess':>9s}"
         )
         for task, entry in suite["tasks"].items():
             for mode in st["modes"]:
                 if "diff" not in entry.get(mode, {}):
                     continue  # only one trainer ran
-                o, t = entry[mode]["ours"], entry[mode]["trl"]
+                o, t, d = entry[mode]["ours"], entry[mode]["trl"], entry[mode]["diff"]["accuracy"]
                 print(
                     f"{task:11s} {mode:5s} {o['accuracy']['mean']:7.3f} +- {o['accuracy']['std']:.3f} "
-                    f"{t['accuracy']['mean']:7.3f} +- {t['accuracy']['std']:.3f} {entry[mode]['diff']['accuracy']:+7.3f} "
+                    f"{t['accuracy']['mean']:7.3f} +- {t['accuracy']['std']:.3f} {d['mean']:+8.3f} ({d['se']:.3f}) "
                     f"{o['margin']['mean']:12.3f} {t['margin']['mean']:12.3f} {entry['length_guess_accuracy']:9.3f}"
                 )
     print(f"content tasks: {', '.join(CONTENT_TASKS)}")
