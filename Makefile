@@ -87,7 +87,7 @@ bench: setup ## Our trainer vs TRL's DPOTrainer, interleaved, 4 configurations x
 	$(PY) tools/bench.py $(BENCH_ARGS)
 
 .PHONY: bench-learning
-bench-learning: setup ## What ours and TRL learn: 4 tasks (3 content), full + LoRA, 5 seeds (~1 h); BENCH_ARGS=--quick for ~3 min
+bench-learning: setup ## What ours and TRL learn: 4 tasks (3 content), full + LoRA, 5 seeds (~1.5 h); BENCH_ARGS=--quick for ~3 min
 	$(PY) tools/bench_learning.py $(BENCH_ARGS)
 
 .PHONY: bench-api

@@ -1,6 +1,6 @@
 """What our trainer learns, against TRL's DPOTrainer: same model, data and hyper-parameters, many seeds.
 
-    python tools/bench_learning.py            # suites "matched" and "learnable" (~1 h on 2 cores)
+    python tools/bench_learning.py            # suites "matched" and "learnable" (~1.5 h on 2 cores)
     python tools/bench_learning.py --quick    # smoke check: style + fact, full only, 2 seeds (~3 min)
 
 Tasks (tools/learning_tasks.py): `style` (the politeness toy, a surface cue) and three content
@@ -239,6 +239,29 @@ def add_difference(per_trainer: dict) -> None:
         }
 
 
+def pooled(files: list[dict]) -> dict:
+    """Results files of the same suites run on other seeds (--first-seed), as one: each
+    (suite, task, mode, trainer) gets the runs of every file, in file order."""
+    results = files[0]
+    for other in files[1:]:
+        for name, suite in other["suites"].items():
+            mine = results["suites"].setdefault(name, {"settings": suite["settings"], "tasks": {}})
+            for task, entry in suite["tasks"].items():
+                for mode in ("full", "lora"):
+                    for trainer, got in entry.get(mode, {}).items():
+                        if trainer == "diff":
+                            continue
+                        into = mine["tasks"].setdefault(task, entry).setdefault(mode, {}).setdefault(trainer, got)
+                        if into is not got:
+                            for key in ("accuracy", "margin", "wall_s"):
+                                into[key] = spread(into[key]["runs"] + got[key]["runs"])
+    for suite in results["suites"].values():
+        for entry in suite["tasks"].values():
+            for mode in ("full", "lora"):
+                add_difference(entry.get(mode, {}))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the quick suite: a smoke check in a few minutes")
@@ -255,18 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", default="bench-results/learning.json")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1 (to add seeds to a run)")
-    parser.add_argument("--report", default=None, help="print the table of an earlier results file and exit")
+    parser.add_argument(
+        "--report", nargs="+", default=None, help="print the table of earlier results files (seeds pooled) and exit"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(Path(args.worker), args.threads)
     if args.report:
-        results = json.loads(Path(args.report).read_text())
-        for suite in results["suites"].values():
-            for entry in suite["tasks"].values():
-                for mode in ("full", "lora"):
-                    add_difference(entry.get(mode, {}))
-        print_table(results)
+        print_table(pooled([json.loads(Path(path).read_text()) for path in args.report]))
         return 0
 
     suites = {}
@@ -345,11 +365,11 @@ def print_table(results: dict) -> None:
     for name, suite in results["suites"].items():
         st = suite["settings"]
         print(
-            f"\n{name}: held-out reward accuracy and margin, mean +- std over {st['seeds']} seeds "
+            f"\n{name}: held-out reward accuracy and margin, mean +- std over n seeds "
             f"({st['pairs']} pairs, {st['epochs']} epochs, lr {st['lr']})"
         )
         print(
-            f"{'task':11s} {'mode':5s} {'ours acc':>15s} {'trl acc':>15s} {'diff (se)':>16s} "
+            f"{'task':11s} {'mode':5s} {'n':>2s} {'ours acc':>15s} {'trl acc':>15s} {'diff (se)':>16s} "
             f"{'ours margin':>12s} {'trl margin':>12s} {'len guess':>9s}"
         )
         for task, entry in suite["tasks"].items():
@@ -358,7 +378,7 @@ def print_table(results: dict) -> None:
                     continue  # only one trainer ran
                 o, t, d = entry[mode]["ours"], entry[mode]["trl"], entry[mode]["diff"]["accuracy"]
                 print(
-                    f"{task:11s} {mode:5s} {o['accuracy']['mean']:7.3f} +- {o['accuracy']['std']:.3f} "
+                    f"{task:11s} {mode:5s} {len(d['runs']):2d} {o['accuracy']['mean']:7.3f} +- {o['accuracy']['std']:.3f} "
                     f"{t['accuracy']['mean']:7.3f} +- {t['accuracy']['std']:.3f} {d['mean']:+8.3f} ({d['se']:.3f}) "
                     f"{o['margin']['mean']:12.3f} {t['margin']['mean']:12.3f} {entry['length_guess_accuracy']:9.3f}"
                 )
