@@ -98,3 +98,9 @@ def test_a_job_that_makes_held_out_pairs_worse_is_flagged(tmp_path, toy):
     result = run_training(cfg, records + mirrored, tmp_path)
     final = result.metrics["final_eval"]
     assert final["eval/regressed"] is True, final
+
+
+@pytest.mark.parametrize("evals", [-1, 2.5, True, "4"])
+def test_bad_eval_count_is_refused(tmp_path, toy, evals):
+    with pytest.raises(ValueError, match="train.evals: expected a non-negative integer"):
+        run_training(make_cfg(**{"train.evals": evals, "data.eval_fraction": 0.0}), toy(4), tmp_path)

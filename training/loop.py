@@ -293,7 +293,7 @@ def train_policy(
         start_epoch, skip = resume["position"]["epoch"], resume["position"]["batches_done"]
         state.step, state.history, state.evals = resume["step"], resume["history"], resume["evals"]
         emit({"kind": "resumed", "step": state.step, "total_steps": total})
-    eval_at = eval_steps(total, tcfg.evals) if eval_idx else set()
+    eval_at = eval_steps(total, tcfg.evals)  # checked even without an eval split: a bad value fails fast
 
     def run_eval() -> None:
         """Held-out metrics now, recorded in state.evals (kept in checkpoints) and emitted."""
@@ -362,7 +362,7 @@ def train_policy(
             )
             if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < total:
                 checkpoint(epoch, position + 1, epoch_generator_state)
-            if state.step in eval_at and state.step < total:
+            if eval_idx and state.step in eval_at and state.step < total:
                 run_eval()
 
     if eval_idx:
