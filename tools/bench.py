@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from tools.learning_tasks import task_split  # noqa: E402
 
 MODEL = {"hidden_size": 384, "num_layers": 8, "num_heads": 6, "intermediate_size": 1536, "vocab_size": 384}
+HELDOUT = 64  # held-out pairs per task, scored for every run
 HYPER = {"beta": 0.1, "lr": 5e-4, "batch_size": 8, "max_length": 128, "warmup": 5, "epochs": 1, "seed": 0, "lora_r": 16}
 CONFIGS = {
     "full-v384": {"vocab": None, "lora": False},
@@ -251,6 +252,18 @@ def sequence_tokens(model_path: Path, train: list) -> int:
     )
 
 
+def worker_env(threads: int) -> dict:
+    """The environment of a bench worker process: the repo importable, no hub, `threads` threads."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_DISABLED": "true",
+        "OMP_NUM_THREADS": str(threads),
+    }
+
+
 def run_one(
     trainer: str, model_path: Path, config: dict, train: list, heldout: list, workdir: Path, threads: int, device: str
 ) -> dict:
@@ -271,19 +284,11 @@ def run_one(
             }
         )
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "WANDB_DISABLED": "true",
-        "OMP_NUM_THREADS": str(threads),
-    }
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", "--spec", str(spec), "--threads", str(threads)],
         capture_output=True,
         text=True,
-        env=env,
+        env=worker_env(threads),
         cwd=REPO,
     )
     shutil.rmtree(out, ignore_errors=True)
@@ -333,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     names = args.configs.split(",") if args.configs else (["full-v384", "lora-v384"] if args.quick else list(CONFIGS))
     trainers = ["ours", "trl"] if args.quick else ["ours", "trl", "trl-precompute"]
     n_train = args.pairs or (48 if args.quick else 512)
-    records = bench_records(n_train + 64, seed=1)
+    records = bench_records(n_train + HELDOUT, seed=1)
     # the style task (a surface cue) and a content task: speed ratios count only where both learn alike
-    datasets = {"style": (records[:n_train], records[n_train:]), "fact": task_split("fact", n_train, 64, seed=1)}
+    datasets = {"style": (records[:n_train], records[n_train:]), "fact": task_split("fact", n_train, HELDOUT, seed=1)}
     matmul = matmul_gflops(args.device)
     print(f"{args.device} matmul rate ({'fp32' if args.device == 'cpu' else 'bf16'}): {matmul:.1f} GFLOP/s")
     out = REPO / args.out
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "meta": {
             "pairs": n_train,
-            "heldout": 64,
+            "heldout": HELDOUT,
             "tasks": list(datasets),
             "repeats": args.repeats,
             "threads": args.threads,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -195,17 +194,11 @@ def run_group(trainer: str, task: str, mode: str, runs: list, hyper: dict, args)
             }
         )
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "WANDB_DISABLED": "true",
-        "OMP_NUM_THREADS": str(args.threads),
-    }
+    from tools.bench import worker_env
+
     cmd = [sys.executable, __file__, "--worker", str(spec), "--threads", str(args.threads)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(args.threads), cwd=REPO)
     finally:
         spec.unlink(missing_ok=True)
     results = [json.loads(line[len("@learn ") :]) for line in proc.stdout.splitlines() if line.startswith("@learn ")]
@@ -250,11 +243,17 @@ def pooled(files: list[dict]) -> dict:
                 for mode in ("full", "lora"):
                     for trainer, got in entry.get(mode, {}).items():
                         if trainer == "diff":
-                            continue
-                        into = mine["tasks"].setdefault(task, entry).setdefault(mode, {}).setdefault(trainer, got)
-                        if into is not got:
+                            continue  # recomputed below from the pooled runs
+                        task_entry = mine["tasks"].setdefault(
+                            task, {"length_guess_accuracy": entry["length_guess_accuracy"]}
+                        )
+                        mode_entry = task_entry.setdefault(mode, {})
+                        if trainer in mode_entry:
+                            kept = mode_entry[trainer]
                             for key in ("accuracy", "margin", "wall_s"):
-                                into[key] = spread(into[key]["runs"] + got[key]["runs"])
+                                kept[key] = spread(kept[key]["runs"] + got[key]["runs"])
+                        else:
+                            mode_entry[trainer] = got
     for suite in results["suites"].values():
         for entry in suite["tasks"].values():
             for mode in ("full", "lora"):

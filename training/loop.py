@@ -50,7 +50,7 @@ def eval_steps(total: int, evals: int) -> set[int]:
     if isinstance(evals, bool) or not isinstance(evals, int) or evals < 0:
         raise ValueError(f"train.evals: expected a non-negative integer, got {evals!r}")
     points = max(1, min(evals, total))
-    return {0, total} | {round(total * k / points) for k in range(1, points + 1)}
+    return {0} | {round(total * k / points) for k in range(1, points + 1)}  # k = points: the end
 
 
 def heldout_regressed(baseline: dict, final: dict) -> bool:
