@@ -8,12 +8,26 @@ from tests.test_training_e2e import logps_of, trained_policy  # noqa: F401  (fix
 from training import TrainingCancelled, run_training
 
 
-@pytest.mark.parametrize("lora, reference", [(False, "precompute"), (False, "live"), (True, "precompute")])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, toy, trained_policy, lora, reference):  # noqa: F811
+@pytest.mark.parametrize(
+    "lora, reference, precision",
+    [
+        (False, "precompute", "fp32"),
+        (False, "live", "fp32"),
+        (True, "precompute", "fp32"),
+        (False, "precompute", "bf16-mixed"),  # fp32 master weights and optimizer state resume exactly
+        (True, "precompute", "bf16-mixed"),
+    ],
+)
+def test_resumed_run_equals_uninterrupted_run(tmp_path, toy, trained_policy, lora, reference, precision):  # noqa: F811
     from transformers import AutoTokenizer
 
     records = toy(48)
-    values = {"train.epochs": 2, "train.reference": reference, "train.checkpoint_every": 3}
+    values = {
+        "train.epochs": 2,
+        "train.reference": reference,
+        "train.checkpoint_every": 3,
+        "train.precision": precision,
+    }
     full = run_training(make_cfg(lora=lora, **values), records, tmp_path / "full")
     want_policy = trained_policy["policy"]
 

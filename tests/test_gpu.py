@@ -20,7 +20,7 @@ def test_bf16_training_on_the_gpu(tmp_path, toy, lora):
     cfg = make_cfg(
         lora=lora,
         **{
-            "model.dtype": "bfloat16",
+            "train.precision": "bf16-mixed",
             "train.device": "cuda",
             "train.epochs": 2,
             "train.learning_rate": 3e-3 if lora else 1e-3,

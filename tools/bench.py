@@ -102,7 +102,7 @@ def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str, 
             "model.lora.enabled": lora,
             "model.lora.r": hyper["lora_r"],
             "model.lora.alpha": 2 * hyper["lora_r"],
-            "model.dtype": "bfloat16" if device == "cuda" else "float32",
+            "train.precision": "bf16-mixed" if device == "cuda" else "fp32",
             # the tiny model config's pass size is for a CPU; on a GPU a step goes in one pass
             **({"model.max_forward_tokens": None} if device == "cuda" else {}),
             "loss.beta": hyper["beta"],
@@ -138,8 +138,8 @@ def run_trl(
             if logs and "num_tokens" in logs:
                 tokens.append(logs["num_tokens"])
 
-    bf16 = device == "cuda"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    bf16 = device == "cuda"  # bf16=True is autocast: fp32 master weights, as ours in bf16-mixed; LoRA: bf16 base
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 and lora else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     peft_config = None
     if lora:

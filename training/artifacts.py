@@ -51,9 +51,14 @@ def save_plot(path: Path, history: list[dict], evals: list[dict]) -> None:
     plt.close(fig)
 
 
-def save_run(output_dir: Path, policy, tokenizer, cfg, state, extra: dict) -> dict:
-    """Everything a user needs to load and judge the result. Returns the metrics dict."""
+def save_run(output_dir: Path, policy, tokenizer, cfg, state, extra: dict, weights_dtype) -> dict:
+    """Everything a user needs to load and judge the result. Returns the metrics dict.
+
+    Full weights are saved in `weights_dtype` (the dtype the model came in: fp32 master weights
+    of a bf16 model are saved in bf16); a LoRA adapter is saved as trained (fp32)."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    if not hasattr(policy, "peft_config"):
+        policy.to(weights_dtype)  # training is over: the master copy is no longer needed
     policy.save_pretrained(output_dir, safe_serialization=True)  # full model, or only the LoRA adapter
     tokenizer.save_pretrained(output_dir)
     (output_dir / "training_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -12,6 +12,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "config"
 _compose_lock = threading.Lock()  # Hydra's global state is not thread-safe
 
+# train.learning_rate defaults to the model preset's rate for the mode (full or LoRA), resolved
+# when read, so a per-job `model.lora.enabled` picks the matching rate.
+OmegaConf.register_new_resolver("lr_for_mode", lambda lora, full, lora_rate: lora_rate if lora else full, replace=True)
+
 
 def available(group: str) -> list[str]:
     """Names of the options of a config group, e.g. available("model") -> ["tiny", ...]."""

@@ -58,7 +58,7 @@ def run_training(
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
-    policy, model_path = load_policy(cfg.model, device)
+    policy, model_path, source_dtype = load_policy(cfg.model, cfg.train.precision, device)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     examples = tokenize_pairs(tokenizer, pairs, data.max_length, data.max_prompt_length, data.truncation_mode)
     state = train_policy(policy, examples, tokenizer.pad_token_id, cfg, on_progress, should_stop)
@@ -66,10 +66,15 @@ def run_training(
     out = Path(cfg.output_dir)
     extra = {
         "dataset": {"records": len(records), "pairs": len(pairs), "skipped_records": len(skipped)},
-        "model": {"name_or_path": model_path, "lora": bool(cfg.model.lora.enabled)},
+        "model": {
+            "name_or_path": model_path,
+            "lora": bool(cfg.model.lora.enabled),
+            "precision": cfg.train.precision,
+            "saved_dtype": str(source_dtype).removeprefix("torch."),
+        },
         "wall_s": time.perf_counter() - started,
     }
-    metrics = save_run(out, policy, tokenizer, cfg, state, extra)
+    metrics = save_run(out, policy, tokenizer, cfg, state, extra, source_dtype)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     return TrainingResult(out, metrics, files)
 

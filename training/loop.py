@@ -19,6 +19,7 @@ from training.checkpoint import load_checkpoint, restore_weights, save_checkpoin
 from training.logprobs import model_logps
 from training.losses import preference_loss
 from training.model import Reference
+from training.precision import compute_context
 from training.tokenize import TokenizedPair
 
 ProgressFn = Callable[[dict], None]
@@ -141,16 +142,18 @@ def reference_logps_for(reference: Reference | None, precomputed, batch, loss_cf
 
 
 @torch.inference_mode()
-def precompute_reference(reference: Reference, batches: PairBatches, n: int, batch_size: int, loss_cfg, chunk: int):
+def precompute_reference(
+    reference: Reference, batches: PairBatches, n: int, batch_size: int, loss_cfg, chunk: int, forward
+):
     """Reference log-probs of every example, once, before training starts (sorted by length so
-    batches carry almost no padding; no autograd bookkeeping)."""
+    batches carry almost no padding; no autograd bookkeeping). `forward`: the compute context."""
     chosen = torch.zeros(n, device=batches.device)
     rejected = torch.zeros(n, device=batches.device)
     order = sorted(range(n), key=batches.length)
     for start in range(0, n, batch_size):
         for idx in batches.passes(order[start : start + batch_size]):
             batch = batches(idx)
-            with reference.active() as ref_model:
+            with reference.active() as ref_model, forward():
                 c, r, _ = model_logps(ref_model, batch, loss_cfg.average_log_prob, chunk)
             chosen[batch["index"]], rejected[batch["index"]] = c, r
     return chosen, rejected
@@ -217,13 +220,14 @@ def summarise(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_l
 
 
 @torch.inference_mode()
-def evaluate(policy, batches, indices, reference, precomputed, loss_cfg, batch_size: int, chunk: int) -> dict:
+def evaluate(policy, batches, indices, reference, precomputed, loss_cfg, batch_size: int, chunk: int, forward) -> dict:
     was_training = policy.training
     policy.eval()
     parts = []
     for start in range(0, len(indices), batch_size):
         for idx in batches.passes(indices[start : start + batch_size]):
-            out, c, r = batch_loss(policy, batches(idx), reference, precomputed, loss_cfg, chunk)
+            with forward():
+                out, c, r = batch_loss(policy, batches(idx), reference, precomputed, loss_cfg, chunk)
             parts.append((out.losses, out.chosen_rewards, out.rejected_rewards, c, r))
     policy.train(was_training)
     return summarise(*(torch.cat(p) for p in zip(*parts, strict=True)), prefix="eval/")
@@ -244,6 +248,7 @@ def train_policy(
     """
     tcfg, loss_cfg = cfg.train, cfg.loss
     device = next(policy.parameters()).device
+    forward = compute_context(tcfg.precision, device)  # bf16 autocast around forward passes, or nothing
     chunk = tcfg.logprob_chunk_size
     torch.manual_seed(tcfg.seed)
     train_idx, eval_idx = split_train_eval(len(examples), cfg.data.eval_fraction, cfg.data.max_eval_examples, tcfg.seed)
@@ -267,7 +272,9 @@ def train_policy(
             if resume is not None and resume["precomputed"] is not None:
                 precomputed = tuple(t.to(device) for t in resume["precomputed"])
             else:
-                precomputed = precompute_reference(reference, batches, len(examples), tcfg.batch_size, loss_cfg, chunk)
+                precomputed = precompute_reference(
+                    reference, batches, len(examples), tcfg.batch_size, loss_cfg, chunk, forward
+                )
             reference = None
 
     batch_size = tcfg.batch_size
@@ -297,7 +304,7 @@ def train_policy(
 
     def run_eval() -> None:
         """Held-out metrics now, recorded in state.evals (kept in checkpoints) and emitted."""
-        result = evaluate(policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk)
+        result = evaluate(policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk, forward)
         if state.evals and state.step == total:  # the end: flag a job that made the held-out set worse
             result["eval/regressed"] = heldout_regressed(state.evals[0], result)
         state.evals.append({"step": state.step, **result})
@@ -330,8 +337,9 @@ def train_policy(
             for micro in batches.passes(indices):
                 batch = batches(micro)
                 tokens += batch_tokens(batch)
-                out, c, r = batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk)
-                (out.losses.sum() / len(indices)).backward()  # mean over the whole step's pairs
+                with forward():
+                    out, c, r = batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk)
+                (out.losses.sum() / len(indices)).backward()  # the step's mean; outside autocast, as torch advises
                 parts.append((out.losses.detach(), out.chosen_rewards, out.rejected_rewards, c, r))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]

@@ -8,9 +8,8 @@ import copy
 import torch
 
 from training.config import resolve_path
+from training.precision import declared_dtype, load_dtype
 from training.tiny_model import ensure_tiny_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(name: str) -> torch.device:
@@ -55,13 +54,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, key, 0.0)
 
 
-def load_policy(model_cfg, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def load_policy(model_cfg, precision: str, device: torch.device):
+    """The policy on `device`, its path, and the dtype its checkpoint declares (saved weights go
+    back to it). Loaded in fp32 master weights, or a bf16 frozen base for LoRA under bf16-mixed
+    (training/precision.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     _quiet_transformers()
     path = model_path(model_cfg)
+    trust = model_cfg.trust_remote_code
+    source_dtype = declared_dtype(AutoConfig.from_pretrained(path, trust_remote_code=trust))
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[model_cfg.dtype], trust_remote_code=model_cfg.trust_remote_code
+        path, dtype=load_dtype(precision, model_cfg.lora.enabled), trust_remote_code=trust
     )
     disable_dropout(model)
     if model_cfg.lora.enabled:
@@ -75,8 +79,8 @@ def load_policy(model_cfg, device: torch.device):
             target_modules=target if isinstance(target, str) else list(target),
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
-    return model.to(device), path
+        model = get_peft_model(model, lora)  # adapters in fp32 over any base dtype (PEFT's autocast_adapter_dtype)
+    return model.to(device), path, source_dtype
 
 
 class Reference:
