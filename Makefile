@@ -99,8 +99,14 @@ fuzz: setup ## Schemathesis against the service's OpenAPI schema with valid sign
 	DPO_FUZZ_EXAMPLES=500 $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
 
 .PHONY: gpu-check
-gpu-check: ## On a CUDA machine: training-core + GPU tests on the GPU and a bf16 bench against TRL
+gpu-check: ## On a CUDA machine: GPU tests, real-shape bf16-mixed runs with peak memory, core tests on the GPU
 	bash tools/gpu_check.sh
+
+.PHONY: gpu-site
+gpu-site: setup ## Fill .gpu-site/ with the pinned packages a bare GPU machine lacks (for tools/gpu_check.sh)
+	mkdir -p .gpu-site/wheels
+	$(PIP) download --quiet --no-deps -d .gpu-site/wheels transformers==5.23.0 peft==0.21.2 hydra-core==1.3.8 omegaconf==2.3.1
+	cp -r $(VENV)/lib/python3*/site-packages/antlr4 .gpu-site/
 
 ## -- docker -----------------------------------------------------------------------------------
 .PHONY: docker-build

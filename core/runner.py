@@ -385,11 +385,9 @@ class ProgressRecorder:
 
     def __call__(self, event: dict) -> None:
         step, total = event.get("step", 0), event.get("total_steps") or 0
-        if event["kind"] == "eval":
-            self.store.add_event(self.job_id, "eval", event["metrics"])
-            return
-        if event["kind"] == "resumed":
-            self.store.add_event(self.job_id, "resumed", {"step": event["step"], "total_steps": event["total_steps"]})
+        if event["kind"] != "step":  # eval, resumed, layout, warning: one event each, as sent
+            data = event["metrics"] if event["kind"] == "eval" else {k: v for k, v in event.items() if k != "kind"}
+            self.store.add_event(self.job_id, event["kind"], data)
             return
         self.steps_seen += 1
         elapsed = time.time() - self.started

@@ -50,7 +50,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, toy, trained_policy, lor
         tmp_path / "second",
         on_progress=events.append,
     )
-    assert events[0] == {"kind": "resumed", "step": stop_at, "total_steps": full.metrics["total_steps"]}
+    assert [e for e in events if e["kind"] != "layout"][0] == {
+        "kind": "resumed",
+        "step": stop_at,
+        "total_steps": full.metrics["total_steps"],
+    }
     assert [e["step"] for e in events if e["kind"] == "step"] == list(
         range(stop_at + 1, full.metrics["total_steps"] + 1)
     )

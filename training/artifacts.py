@@ -17,6 +17,7 @@ def save_metrics(path: Path, state, extra: dict) -> dict:
         "final_eval": final_eval,
         "history": state.history,
         "evals": state.evals,
+        "layout": state.layout,
         **extra,
     }
     path.write_text(json.dumps(metrics, indent=2))

@@ -31,6 +31,13 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
 
 
+def check_forward_budget(budget):
+    """model.max_forward_tokens: tokens (rows x padded width) in one forward pass, or None."""
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"model.max_forward_tokens: expected a positive integer or null, got {budget!r}")
+    return budget
+
+
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens the batch stands for: non-pad tokens of the chosen + rejected sequences (the
     throughput unit, the same however the batch is laid out)."""

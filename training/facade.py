@@ -16,7 +16,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from training.loop import ProgressFn, StopFn, train_policy
-from training.model import load_policy, load_tokenizer, pick_device, set_threads
+from training.memory import check_memory
+from training.model import load_policy, load_tokenizer, model_path, pick_device, set_threads
+from training.precision import check_precision
 from training.records import normalise_records
 from training.tokenize import tokenize_pairs
 
@@ -58,8 +60,10 @@ def run_training(
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
-    policy, model_path, source_dtype = load_policy(cfg.model, cfg.train.precision, device)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    check_precision(cfg.train.precision)
+    estimate = check_memory(cfg, model_path(cfg.model), device)  # before loading: fail in seconds, not at OOM
+    policy, path, source_dtype = load_policy(cfg.model, cfg.train.precision, device)
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     examples = tokenize_pairs(tokenizer, pairs, data.max_length, data.max_prompt_length, data.truncation_mode)
     state = train_policy(policy, examples, tokenizer.pad_token_id, cfg, on_progress, should_stop)
 
@@ -67,11 +71,12 @@ def run_training(
     extra = {
         "dataset": {"records": len(records), "pairs": len(pairs), "skipped_records": len(skipped)},
         "model": {
-            "name_or_path": model_path,
+            "name_or_path": path,
             "lora": bool(cfg.model.lora.enabled),
             "precision": cfg.train.precision,
             "saved_dtype": str(source_dtype).removeprefix("torch."),
         },
+        "memory_estimate_gib": estimate.as_dict(),
         "wall_s": time.perf_counter() - started,
     }
     metrics = save_run(out, policy, tokenizer, cfg, state, extra, source_dtype)

@@ -57,6 +57,24 @@ def model_logps(model, batch: dict[str, torch.Tensor], average: bool = False, ch
     return logps[:half], logps[half:], counts[:half]
 
 
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on hidden states, with the scaling some families apply to logits in their
+    *ForCausalLM.forward (which the shared-prefix path does not call): Cohere's logit_scale,
+    Granite's logits_scaling, Gemma 2's final_logit_softcapping. tests/test_families.py checks
+    every family against its own forward; the per-job self-check (training/layout.py) catches
+    any family added later that does something else."""
+    config = model.config
+    logits = model.get_output_embeddings()(hidden)
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def shared_prefix_logps(model, batch: dict[str, torch.Tensor], average: bool = False, chunk_size: int = 1024):
     """The decoder runs once per pair; the LM head and the fp32 log-softmax run only on the
     positions that predict a response token, `chunk_size` at a time (prompt and padding
@@ -67,12 +85,11 @@ def shared_prefix_logps(model, batch: dict[str, torch.Tensor], average: bool = F
         position_ids=batch["position_ids"],
         use_cache=False,
     ).last_hidden_state
-    head = model.get_output_embeddings()
     picked = hidden[batch["score_rows"], batch["score_cols"]]  # (M, H)
     targets, seq = batch["score_targets"], batch["score_seq"]
     token_logps = []
     for start in range(0, targets.numel(), chunk_size):
-        logits = head(picked[start : start + chunk_size]).float()
+        logits = head_logits(model, picked[start : start + chunk_size]).float()
         chosen = logits.gather(1, targets[start : start + chunk_size, None]).squeeze(1)
         token_logps.append(chosen - torch.logsumexp(logits, dim=-1))
     per_token = torch.cat(token_logps)

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from training.batching import batch_tokens, collate, collate_shared_prefix
+from training.batching import batch_tokens, check_forward_budget, collate, collate_shared_prefix
 from training.checkpoint import load_checkpoint, restore_weights, save_checkpoint
+from training.layout import choose_layout
 from training.logprobs import model_logps
 from training.losses import preference_loss
-from training.model import Reference
+from training.model import Reference, enable_gradient_checkpointing
 from training.precision import compute_context
 from training.tokenize import TokenizedPair
 
@@ -36,6 +37,7 @@ class TrainState:
     evals: list[dict] = field(default_factory=list)
     step: int = 0
     total_steps: int = 0
+    layout: dict = field(default_factory=dict)  # which batch layout the job used, and why
 
 
 def split_train_eval(n: int, eval_fraction: float, max_eval: int, seed: int) -> tuple[list[int], list[int]]:
@@ -99,9 +101,7 @@ class PairBatches:
         shared_prefix: bool = True,
         max_forward_tokens: int | None = None,
     ):
-        budget = max_forward_tokens
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise ValueError(f"model.max_forward_tokens: expected a positive integer or null, got {budget!r}")
+        budget = check_forward_budget(max_forward_tokens)
         self.examples, self.pad_id, self.device, self.budget = examples, pad_id, device, budget
         self.collate = collate_shared_prefix if shared_prefix else collate
         self.rows_per_pair = 1 if shared_prefix else 2
@@ -252,9 +252,16 @@ def train_policy(
     chunk = tcfg.logprob_chunk_size
     torch.manual_seed(tcfg.seed)
     train_idx, eval_idx = split_train_eval(len(examples), cfg.data.eval_fraction, cfg.data.max_eval_examples, tcfg.seed)
-    batches = PairBatches(examples, pad_id, device, tcfg.shared_prefix, cfg.model.max_forward_tokens)
     emit = on_progress or (lambda event: None)
     stop = should_stop or (lambda: False)
+    if tcfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    budget = check_forward_budget(cfg.model.max_forward_tokens)
+    shared, layout = choose_layout(policy, examples, pad_id, tcfg.shared_prefix, budget)
+    emit({"kind": "layout", **layout})
+    if tcfg.shared_prefix and not shared:
+        emit({"kind": "warning", "message": f"using separate chosen/rejected rows: {layout['reason']}"})
+    batches = PairBatches(examples, pad_id, device, shared, budget)
 
     # Reference log-probs: none (reference-free), precomputed once before training, or live each
     # step. LoRA: the policy with adapters disabled; full fine-tuning: a frozen copy (live) or the
@@ -282,7 +289,7 @@ def train_policy(
     total = steps_per_epoch * tcfg.epochs
     if tcfg.max_steps:
         total = min(total, tcfg.max_steps)
-    state = TrainState(total_steps=total)
+    state = TrainState(total_steps=total, layout=layout)
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tcfg)

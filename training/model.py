@@ -110,6 +110,18 @@ class Reference:
             self.model.train(was_training)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Keep only each decoder layer's input during the forward pass and recompute the rest in the
+    backward pass: activation memory drops to about one layer's, for ~30% more compute. The
+    non-reentrant variant needs no input that requires grad, so it works under LoRA as is."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(int(threads))

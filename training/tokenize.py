@@ -1,7 +1,8 @@
 """Preference pairs -> token ids with a clean prompt/response boundary.
 
 The prompt and each response are tokenised separately and concatenated, so the prompt tokens are
-always an exact prefix of prompt+response and the label mask is exact. Responses end with EOS.
+always an exact prefix of prompt+response and the label mask is exact. Responses end their turn
+exactly once (EOS, or the template's own end), and a prompt starts with exactly one BOS.
 Chat records are rendered with the tokenizer's chat template when it has one.
 """
 
@@ -50,8 +51,20 @@ def render_chat(tokenizer, pair: PreferencePair) -> tuple[str, str, str]:
     return prompt, responses[0], responses[1]
 
 
-def _strip_eos(text: str, eos: str | None) -> str:
-    return text[: -len(eos)] if eos and text.endswith(eos) else text
+def response_ids(tokenizer, text: str) -> list[int]:
+    """A response's token ids, ending its turn exactly once: a chat template that already closes
+    the reply with EOS (Qwen's "<|im_end|>\n", Mistral's "</s>") keeps its own ending; otherwise
+    EOS is appended."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token
+    return ids if eos and text.rstrip().endswith(eos) else ids + [tokenizer.eos_token_id]
+
+
+def prompt_ids_of(tokenizer, text: str) -> list[int]:
+    """The prompt's token ids with the tokenizer's special tokens (BOS), unless the chat template
+    already wrote them (Llama 3, Gemma, Mistral templates start with the BOS text): one BOS."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
 def truncate(
@@ -82,18 +95,14 @@ def tokenize_pair(
         prompt_text, chosen_text, rejected_text = render_chat(tokenizer, pair)
     else:
         prompt_text, chosen_text, rejected_text = pair.prompt, pair.chosen, pair.rejected
-    # The chat template may already end the reply with EOS; it is appended exactly once below.
-    chosen_text = _strip_eos(chosen_text, tokenizer.eos_token)
-    rejected_text = _strip_eos(rejected_text, tokenizer.eos_token)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+    prompt_ids = prompt_ids_of(tokenizer, prompt_text)
     if len(prompt_ids) > max_length:  # not a long prompt to trim: longer than the whole sequence budget
         raise RecordError(
             pair.source or "?",
             "prompt",
             f"{len(prompt_ids)} tokens, longer than max_length ({max_length}): the prompt alone exceeds the sequence budget",
         )
-    chosen_ids = tokenizer(chosen_text, add_special_tokens=False)["input_ids"] + [eos_id]
-    rejected_ids = tokenizer(rejected_text, add_special_tokens=False)["input_ids"] + [eos_id]
+    chosen_ids, rejected_ids = response_ids(tokenizer, chosen_text), response_ids(tokenizer, rejected_text)
     prompt_ids, chosen_ids, rejected_ids = truncate(
         prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length, truncation_mode
     )

@@ -1,0 +1,124 @@
+"""How much memory a job will need, estimated before any weight is loaded, so a job that cannot
+fit fails in seconds with the numbers instead of running out of memory an hour in.
+
+The parameter count comes from the model's own config, built on the meta device (no memory).
+Bytes per parameter follow the precision (training/precision.py) and the optimizer; activation
+memory is a rough per-token figure for one forward pass of the configured token budget
+(Korthikanti et al. 2022: ~34 x hidden bytes a token a layer in 16-bit, with memory-efficient
+attention), kept on the safe side. plan/performance.md compares it with measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from training.batching import check_forward_budget
+
+GIB = 1024**3
+HEADROOM = 0.9  # plan to use at most this share of the free memory (allocator fragmentation, CUDA context)
+
+
+class InsufficientMemory(RuntimeError):
+    """The estimate does not fit the device: raised before the model is loaded."""
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    reference: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.reference + self.activations
+
+    def as_dict(self) -> dict:
+        return {**{k: round(v / GIB, 3) for k, v in asdict(self).items()}, "total": round(self.total / GIB, 3)}
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.as_dict().items() if k != "total")
+        return f"{self.total / GIB:.2f} GiB ({parts})"
+
+
+def _meta_model(path: str, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), config
+
+
+def lora_parameters(model, lora_cfg) -> int:
+    """Trainable LoRA parameters: r x (in + out) for each targeted linear layer."""
+    target = lora_cfg.target_modules
+    names = None if target == "all-linear" else set([target] if isinstance(target, str) else target)
+    head = model.get_output_embeddings()
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if names is None or name.rsplit(".", 1)[-1] in names:
+            total += lora_cfg.r * (module.in_features + module.out_features)
+    return total
+
+
+def estimate_memory(cfg, path: str) -> MemoryEstimate:
+    """The job's peak memory on its device, by part (bytes)."""
+    model, config = _meta_model(path, cfg.model.trust_remote_code)
+    n = sum(p.numel() for p in model.parameters())
+    lora, precision, tcfg = cfg.model.lora.enabled, cfg.train.precision, cfg.train
+    compute_bytes = 2 if precision == "bf16-mixed" else 4
+    trainable = lora_parameters(model, cfg.model.lora) if lora else n
+    frozen_bytes = (compute_bytes if lora else 4) * n  # LoRA's base is loaded in the compute dtype
+    weights = frozen_bytes + (4 * trainable if lora else 0)
+    optimizer = (8 if tcfg.optimizer == "adamw" else 4) * trainable
+    live_copy = tcfg.reference == "live" and not lora and not cfg.loss.reference_free
+    reference = 4 * n if live_copy else 0
+
+    text = getattr(config, "text_config", None) or config
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 0)
+    vocab = getattr(text, "vocab_size", 0)
+    budget = check_forward_budget(cfg.model.max_forward_tokens) or 2 * tcfg.batch_size * cfg.data.max_length
+    per_layer_token = 17 * hidden * compute_bytes  # ~34 x hidden bytes in 16-bit
+    if tcfg.gradient_checkpointing:  # layer inputs kept, one layer's activations live at a time
+        activation_bytes = budget * (hidden * compute_bytes * layers + per_layer_token)
+    else:
+        activation_bytes = budget * per_layer_token * layers
+    # separate rows materialise the logits of every position (fp32 copy included); the shared
+    # layout only logits_chunk rows at a time
+    logits = budget * vocab * (compute_bytes + 4) if not tcfg.shared_prefix else tcfg.logprob_chunk_size * vocab * 12
+    return MemoryEstimate(weights, 4 * trainable, optimizer, reference, activation_bytes + logits)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for this job on the device."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(cfg, path: str, device: torch.device) -> MemoryEstimate:
+    """The estimate, or InsufficientMemory naming what does not fit and what would help."""
+    estimate = estimate_memory(cfg, path)
+    free = free_memory(device)
+    if cfg.train.memory_check and estimate.total > HEADROOM * free:
+        hints = []
+        if not cfg.model.lora.enabled:
+            hints.append("model.lora.enabled=true (LoRA trains ~1% of the weights)")
+        if not cfg.train.gradient_checkpointing:
+            hints.append("train.gradient_checkpointing=true")
+        hints.append("a smaller model.max_forward_tokens")
+        raise InsufficientMemory(
+            f"the job needs about {estimate.describe()}, more than {HEADROOM:.0%} of the"
+            f" {free / GIB:.2f} GiB free on {device}; try {', or '.join(hints)}"
+            " (or train.memory_check=false to run anyway)"
+        )
+    return estimate
