@@ -71,16 +71,18 @@ def test_a_job_that_cannot_fit_fails_before_loading_with_the_numbers(tmp_path, t
         run_training(cfg, toy(8), tmp_path / "out")  # no weights exist: loading would fail differently
     message = str(info.value)
     assert message.startswith("the job needs about ")
-    assert "weights 262." in message and "optimizer 525." in message  # 70.6e9 params: 4 and 8 bytes each
+    assert "weights 262." in message and "optimizer 788." in message  # 70.6e9 params: 4 and 8 + 4 bytes each
     assert "GiB free on cpu" in message and "model.lora.enabled=true" in message
 
 
 def test_estimate_parts_follow_precision_lora_and_reference(tmp_path, tiny_model_path):
     path = str(big_model_dir(tmp_path / "m", tiny_model_path))
-    full = estimate_memory(make_cfg(**{"train.precision": "bf16-mixed"}), path)
-    n = full.weights / 4
+    n = estimate_memory(make_cfg(), path).weights / 4
     assert n == pytest.approx(70.55e9, rel=1e-3)
-    assert (full.gradients, full.optimizer, full.reference) == (4 * n, 8 * n, 0)
+    full = estimate_memory(make_cfg(), path)  # fp32
+    assert (full.weights, full.gradients, full.optimizer, full.reference) == (4 * n, 4 * n, 12 * n, 0)
+    mixed = estimate_memory(make_cfg(**{"train.precision": "bf16-mixed"}), path)
+    assert mixed.weights == 6 * n  # fp32 master weights and autocast's bf16 copies
     live = estimate_memory(make_cfg(**{"train.reference": "live"}), path)
     assert live.reference == 4 * n
     lora = estimate_memory(make_cfg(lora=True, **{"train.precision": "bf16-mixed", "model.lora.r": 16}), path)

@@ -75,7 +75,11 @@ def estimate_memory(cfg, path: str) -> MemoryEstimate:
     trainable = lora_parameters(model, cfg.model.lora) if lora else n
     frozen_bytes = (compute_bytes if lora else 4) * n  # LoRA's base is loaded in the compute dtype
     weights = frozen_bytes + (4 * trainable if lora else 0)
-    optimizer = (8 if tcfg.optimizer == "adamw" else 4) * trainable
+    if precision == "bf16-mixed" and not lora:
+        weights += 2 * n  # autocast keeps a bf16 copy of each fp32 weight for the pass
+    # state (AdamW: two fp32 moments), plus the temporaries of torch's multi-tensor step (~one
+    # fp32 copy of the trainable weights; measured on an H200: plan/performance.md)
+    optimizer = (8 if tcfg.optimizer == "adamw" else 4) * trainable + 4 * trainable
     live_copy = tcfg.reference == "live" and not lora and not cfg.loss.reference_free
     reference = 4 * n if live_copy else 0
 
