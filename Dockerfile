@@ -7,7 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     WANDB_DISABLED=true \
-    HF_HOME=/data/hf \
+    HF_HOME=/models \
     DPO_DATA_DIR=/data/jobs \
     DPO_ARTIFACTS_DIR=/data/artifacts \
     DPO_PREFERENCES_DIR=/data/preferences
@@ -20,14 +20,16 @@ RUN pip install --no-cache-dir -r requirements.txt
 
 # A non-root user owning the code (the tiny model cache lives in /app/.cache) and the data volume.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin dpo \
-    && mkdir -p /data \
-    && chown dpo:dpo /data /app
+    && mkdir -p /data /models \
+    && chown dpo:dpo /data /models /app
 COPY --chown=dpo:dpo . .
 USER 10001:10001
 
-# Job store, working directories, artifacts (local backend) and the HF cache. Secrets are never
-# baked in: DPO_WEBHOOK_SECRET and Firebase credentials come from the environment or a mounted file.
-VOLUME ["/data"]
+# /data: job store, working directories, artifacts (local backend). /models: the HuggingFace cache
+# (HF_HOME), its own volume so models download once and survive image upgrades; on a host without
+# internet, fill it with `make docker-preload MODEL=<hub id>` elsewhere and run with HF_HUB_OFFLINE=1.
+# Secrets are never baked in: DPO_WEBHOOK_SECRET and Firebase credentials come from the environment.
+VOLUME ["/data", "/models"]
 EXPOSE 8000
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -8,11 +8,14 @@ PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 PYTHON3 ?= python3
 OUT     ?= .cache/runs/toy
+# `make api API_HF_OFFLINE=1` on a host without internet (models pre-loaded in the HF cache)
+API_HF_OFFLINE ?= 0
 IMAGE   ?= dpo-microservice
 TAG     ?= latest
 LABEL   := org.dpo-microservice.project=dpo-microservice
 
 export PYTHONPATH := $(CURDIR)
+# Tests and the toy pipeline never reach a model hub; `make api` may (API_HF_OFFLINE below).
 export HF_HUB_OFFLINE := 1
 export WANDB_DISABLED := true
 export TOKENIZERS_PARALLELISM := false
@@ -74,7 +77,8 @@ toy-trigger: setup ## The whole pipeline: server on loopback, signed toy trigger
 	$(PY) tools/toy_trigger.py --root .cache/toy-service
 
 .PHONY: api
-api: setup ## Run the service on :8000 (needs DPO_WEBHOOK_SECRET, or DPO_ALLOW_UNSIGNED=1 for local experiments)
+api: export HF_HUB_OFFLINE := $(API_HF_OFFLINE)
+api: setup ## Run the service on :8000 (needs DPO_WEBHOOK_SECRET, or DPO_ALLOW_UNSIGNED=1); fetches models when online
 	$(VENV)/bin/uvicorn webhook_handler:app --host $${HOST:-0.0.0.0} --port $${PORT:-8000}
 
 .PHONY: emulators
@@ -117,7 +121,14 @@ docker-build: ## Build the production image $(IMAGE):$(TAG)
 docker-run: ## Run the image on :8000 with a data volume (needs DPO_WEBHOOK_SECRET in the environment)
 	@test -n "$$DPO_WEBHOOK_SECRET" || { echo "set DPO_WEBHOOK_SECRET first"; exit 1; }
 	docker run --rm --label $(LABEL) --name $(IMAGE) -p 8000:8000 -e DPO_WEBHOOK_SECRET \
-	    -v $(IMAGE)-data:/data $$( [ -n "$$GPU" ] && echo --gpus all ) $(IMAGE):$(TAG)
+	    -e DPO_DEFAULT_MODEL -e DPO_ALLOWED_MODELS -e HF_HUB_OFFLINE -e HF_TOKEN \
+	    -v $(IMAGE)-data:/data -v $(IMAGE)-models:/models $$( [ -n "$$GPU" ] && echo --gpus all ) $(IMAGE):$(TAG)
+
+.PHONY: docker-preload
+docker-preload: ## Download MODEL (a hub id) into the image's model volume, for a GPU host without internet
+	@test -n "$(MODEL)" || { echo "usage: make docker-preload MODEL=Qwen/Qwen2.5-0.5B-Instruct"; exit 1; }
+	docker run --rm --label $(LABEL) -e HF_HUB_OFFLINE=0 -e HF_TOKEN -v $(IMAGE)-models:/models $(IMAGE):$(TAG) \
+	    python -c "import sys; from huggingface_hub import snapshot_download; print(snapshot_download(sys.argv[1]))" "$(MODEL)"
 
 .PHONY: docker-smoke
 docker-smoke: setup ## Build, run with a generated secret, wait for healthy, send the toy trigger, check success, remove

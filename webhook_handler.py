@@ -23,6 +23,7 @@ from core import SERVICE_NAME, __version__
 from core.auth import HEADER, verify
 from core.callbacks import check_callback_url
 from core.errors import IDEMPOTENCY_CONFLICT, JOB_NOT_FOUND, ServiceError
+from core.job_config import job_training_config
 from core.jobs import ActiveJobConflict, IdempotencyConflict, JobStore, QueueFull
 from core.metrics import Metrics
 from core.runner import Runner
@@ -143,9 +144,7 @@ async def trigger_finetune(
     overrides = payload.config
     config = {
         "overrides": overrides.model_dump(exclude_none=True) if overrides else {},
-        "model": overrides.model if overrides else None,
-        "loss": overrides.loss if overrides else None,
-        "values": overrides.config_values() if overrides else {},
+        **await asyncio.to_thread(job_training_config, overrides, settings),  # model, loss, values; 422 if bad
         "source_options": {"since": payload.since.isoformat() if payload.since else None, "limit": payload.limit},
     }
     try:

@@ -269,7 +269,9 @@ class Runner:
             "train.checkpoint_dir": str(self.checkpoint_dir(job_id)),  # resumes from it when one is there
             "train.checkpoint_every": self.settings.checkpoint_every,
         }
-        cfg = compose_config(overrides.get("model") or "tiny", overrides.get("loss") or "dpo", values)
+        cfg = compose_config(
+            overrides.get("model") or "tiny", overrides.get("loss") or "dpo", values
+        )  # set at the trigger
         out_dir = work / "output"
         progress = ProgressRecorder(self.store, job_id, self.metrics)
 

@@ -20,23 +20,35 @@ class TrainOverrides(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = Field(None, description="a config/model/*.yaml name")
+    model: str | None = Field(
+        None, max_length=256, description="a config/model/*.yaml preset, or a hub id / local path in DPO_ALLOWED_MODELS"
+    )
     loss: str | None = Field(None, description="a config/loss/*.yaml name")
     beta: float | None = Field(None, gt=0, le=10)
     learning_rate: float | None = Field(None, gt=0, le=1)
     epochs: int | None = Field(None, ge=1, le=100)
     batch_size: int | None = Field(None, ge=1, le=1024)
-    max_length: int | None = Field(None, ge=16, le=32768)
+    max_length: int | None = Field(None, ge=16, le=32768, description="prompt + response tokens")
+    max_prompt_length: int | None = Field(
+        None, ge=8, le=32767, description="a longer prompt is cut to this; default: the preset's, or max_length // 2"
+    )
     lora: bool | None = None
     lora_rank: int | None = Field(None, ge=1, le=512)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
-    @field_validator("model", "loss")
+    @field_validator("loss")
     @classmethod
-    def _known_option(cls, value, info):
-        if value is not None and value not in available(info.field_name):
-            raise ValueError(f"expected one of {available(info.field_name)}")
+    def _known_loss(cls, value):
+        if value is not None and value not in available("loss"):
+            raise ValueError(f"expected one of {available('loss')}")
         return value
+
+    @model_validator(mode="after")
+    def _prompt_shorter_than_sequence(self):
+        if self.max_length is not None and self.max_prompt_length is not None:
+            if self.max_prompt_length >= self.max_length:
+                raise ValueError("max_prompt_length must be smaller than max_length")
+        return self
 
     def config_values(self) -> dict[str, Any]:
         """Dotted config keys -> typed values for training.config.compose_config."""
@@ -48,12 +60,10 @@ class TrainOverrides(BaseModel):
             "lora": "model.lora.enabled",
             "lora_rank": "model.lora.r",
             "seed": "train.seed",
+            "max_length": "data.max_length",
+            "max_prompt_length": "data.max_prompt_length",
         }
-        values = {key: getattr(self, name) for name, key in mapping.items() if getattr(self, name) is not None}
-        if self.max_length is not None:
-            values["data.max_length"] = self.max_length
-            values["data.max_prompt_length"] = min(64, self.max_length // 2)
-        return values
+        return {key: getattr(self, name) for name, key in mapping.items() if getattr(self, name) is not None}
 
 
 class TriggerRequest(BaseModel):

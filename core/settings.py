@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from training.config import available
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DPO_", extra="ignore")
@@ -27,6 +29,12 @@ class Settings(BaseSettings):
     callback_retries: int = 4
     checkpoint_every: int = Field(50, ge=0)  # training steps between checkpoints (crash recovery)
     job_timeout_s: float = Field(24 * 3600, gt=0)  # a job running longer fails with 'timeout'
+
+    # Models. The default is the model a trigger without config.model trains: a config/model preset
+    # name, or a hub id / local path from the allow-list (trained with the `custom` preset's settings).
+    default_model: str = "tiny"
+    default_loss: str = "dpo"
+    allowed_models: Annotated[list[str], NoDecode] = []  # hub ids or local paths callers may name (comma-separated)
 
     # Limits (each breach is a clear 4xx)
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # 413 above
@@ -58,6 +66,20 @@ class Settings(BaseSettings):
     def _split_hosts(cls, value):
         if isinstance(value, str):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("allowed_models", mode="before")
+    @classmethod
+    def _split_models(cls, value):
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("default_loss")
+    @classmethod
+    def _known_loss(cls, value):
+        if value not in available("loss"):
+            raise ValueError(f"expected one of {available('loss')}")
         return value
 
     @property

@@ -10,9 +10,34 @@ from training.config import available, compose_config
 @pytest.mark.parametrize("loss", available("loss"))
 def test_every_model_and_loss_composes(model, loss):
     cfg = compose_config(model=model, loss=loss)
-    assert cfg.model.name_or_path
     assert cfg.loss.name in ("dpo", "ipo", "hinge", "sft", "dpo_sft")
-    assert OmegaConf.missing_keys(cfg) == {"output_dir"}
+    if model == "custom":  # the service sets the allow-listed model's name_or_path
+        assert OmegaConf.missing_keys(cfg) == {"output_dir", "model.name_or_path"}
+    else:
+        assert cfg.model.name_or_path and OmegaConf.missing_keys(cfg) == {"output_dir"}
+
+
+@pytest.mark.parametrize("model", [m for m in available("model") if m != "tiny"])
+def test_real_model_presets_carry_settings_for_pretrained_models(model):
+    """Not the toy's: a 5e-4 learning rate destroys a pretrained model, 128 tokens cut real answers."""
+    for lora in (False, True):
+        cfg = compose_config(model=model, values={"model.lora.enabled": lora})
+        assert cfg.train.learning_rate <= (1e-4 if lora else 5e-6)
+        assert cfg.train.precision == "bf16-mixed" and cfg.train.gradient_checkpointing is True
+        assert cfg.data.max_length >= 1024 and cfg.data.max_prompt_length < cfg.data.max_length
+    full, lora = (compose_config(model=model, values={"model.lora.enabled": on}) for on in (False, True))
+    assert lora.train.learning_rate > full.train.learning_rate  # LoRA's rate is its own
+    assert compose_config(model=model, values={"train.learning_rate": 3e-7}).train.learning_rate == 3e-7
+
+
+def test_the_tiny_preset_keeps_the_toy_settings():
+    cfg = compose_config()
+    assert (cfg.train.learning_rate, cfg.train.precision, cfg.data.max_length, cfg.data.max_prompt_length) == (
+        5e-4,
+        "fp32",
+        128,
+        64,
+    )
 
 
 def test_production_models_are_listed():

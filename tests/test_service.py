@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import yaml
 
 from core.auth import HEADER, sign, verify
 from core.runner import HELDOUT_REGRESSED
@@ -183,7 +184,21 @@ def test_verify_uses_the_body_bytes_exactly():
         ({"communityId": "c", "config": {"beta": 0}}, "config.beta", "greater than 0"),
         ({"communityId": "c", "config": {"epochs": 1000}}, "config.epochs", "less than or equal to 100"),
         ({"communityId": "c", "config": {"learning_rate": "0.1"}}, "config.learning_rate", "valid number"),
-        ({"communityId": "c", "config": {"model": "../../etc"}}, "config.model", "expected one of"),
+        (
+            {"communityId": "c", "config": {"model": "../../etc"}},
+            "config.model",
+            "expected a preset (pythia-2.8b, qwen2.5-0.5b, tiny, zephyr-7b) or a model in DPO_ALLOWED_MODELS",
+        ),
+        (
+            {"communityId": "c", "config": {"model": "custom"}},
+            "config.model",
+            "or a model in DPO_ALLOWED_MODELS, got 'custom'",
+        ),
+        (
+            {"communityId": "c", "config": {"max_length": 64, "max_prompt_length": 64}},
+            "config",
+            "max_prompt_length must be smaller than max_length",
+        ),
         ({"communityId": "c", "config": {"loss": "${oc.env:DPO_WEBHOOK_SECRET}"}}, "config.loss", "expected one of"),
         ({"communityId": "../x"}, "communityId", "should match pattern"),
         ({"communityId": "a,b=c"}, "communityId", "should match pattern"),
@@ -413,3 +428,32 @@ def test_subprocess_cancel_terminates_the_training_process(tmp_path, toy):
         job = wait_for(client, job_id, timeout_s=60)
         assert job["status"] == "cancelled" and job["artifact"] is None
         assert not (tmp_path / "data" / "work" / job_id).exists()
+
+
+# -- models the operator chooses ---------------------------------------------------------------
+def test_default_and_allowed_models_train_with_the_custom_preset(tmp_path_factory, toy, tiny_model_path):
+    """DPO_DEFAULT_MODEL trains when a trigger names no model; DPO_ALLOWED_MODELS lists what a
+    caller may name besides the presets. Both go through the `custom` preset (bf16-mixed,
+    gradient checkpointing), here on the tiny model's local path."""
+    root = tmp_path_factory.mktemp("models")
+    env = {"DPO_DEFAULT_MODEL": str(tiny_model_path), "DPO_ALLOWED_MODELS": "org/other-model, /models/mine"}
+    with Server(root, env=env) as srv:
+        client = Client(srv.url, srv.secret)
+        response = client.trigger("default-model", toy(24), {"epochs": 1, "max_length": 96})
+        assert response.status_code == 202, response.text
+        job = wait_for(client, response.json()["job_id"])
+        assert job["status"] == "succeeded", job["error"]
+        metrics = json.loads((artifact_path(job) / "metrics.json").read_text())
+        assert metrics["model"]["name_or_path"] == str(tiny_model_path)
+        assert metrics["model"]["precision"] == "bf16-mixed" and metrics["layout"]["layout"] == "shared_prefix"
+        saved = yaml.safe_load((artifact_path(job) / "training_config.yaml").read_text())
+        assert saved["data"] == {**saved["data"], "max_length": 96, "max_prompt_length": 48}  # room for answers
+        assert saved["train"]["learning_rate"] == 1e-6 and saved["train"]["gradient_checkpointing"] is True
+
+        refused = client.trigger("c", toy(4), {"model": "org/not-allowed"})
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "config.model"
+        assert "got 'org/not-allowed'" in refused.json()["error"]["message"]
+        allowed = client.trigger("allowed", toy(4), {"model": "org/other-model"})
+        assert allowed.status_code == 202  # queued; it fails later only because nothing can be downloaded here
+        config = client.get(f"/jobs/{allowed.json()['job_id']}").json()["config"]
+        assert config["model"] == "custom" and config["values"]["model.name_or_path"] == "org/other-model"

@@ -1,0 +1,53 @@
+"""A trigger's training choices -> the job's config: which model preset, which model, which loss,
+which values. Resolved and composed once, when the job is created, so a bad choice is a 422 at
+the trigger (not a failed job later) and a queued job keeps its choice if the environment changes.
+"""
+
+from __future__ import annotations
+
+from core.errors import ServiceError
+from core.schemas import TrainOverrides
+from core.settings import Settings
+from training.config import available, compose_config
+
+CUSTOM = "custom"  # the preset whose settings an allow-listed hub id or local path trains with
+
+
+def resolve_model(name: str | None, settings: Settings) -> tuple[str, str | None]:
+    """(preset, name_or_path or None). A preset name, an allow-listed model, or the default."""
+    choice = name or settings.default_model
+    if choice in available("model") and choice != CUSTOM:
+        return choice, None
+    if choice in settings.allowed_models or choice == settings.default_model:  # the operator chose these
+        return CUSTOM, choice
+    presets = [p for p in available("model") if p != CUSTOM]
+    raise ServiceError(
+        422,
+        "unknown_model",
+        f"config.model: expected a preset ({', '.join(presets)}) or a model in DPO_ALLOWED_MODELS, got {choice!r}",
+        field="config.model",
+    )
+
+
+def job_training_config(overrides: TrainOverrides | None, settings: Settings) -> dict:
+    """{"model": preset, "loss": name, "values": dotted keys -> values} for compose_config."""
+    preset, name_or_path = resolve_model(overrides.model if overrides else None, settings)
+    loss = (overrides.loss if overrides else None) or settings.default_loss
+    values = overrides.config_values() if overrides else {}
+    if name_or_path is not None:
+        values["model.name_or_path"] = name_or_path
+    try:
+        cfg = compose_config(preset, loss, {"output_dir": "unset", **values})
+    except (KeyError, ValueError) as err:  # the schema ranges make this rare: a bug, said plainly
+        raise ServiceError(422, "invalid_config", f"config: {err}", field="config") from None
+    length, prompt = cfg.data.max_length, cfg.data.max_prompt_length
+    if prompt >= length:
+        if "data.max_prompt_length" in values:
+            raise ServiceError(
+                422,
+                "invalid_config",
+                f"config.max_prompt_length: must be smaller than max_length ({length}), got {prompt}",
+                field="config.max_prompt_length",
+            )
+        values["data.max_prompt_length"] = length // 2  # a shorter max_length than the preset's: keep room for answers
+    return {"model": preset, "loss": loss, "values": values}
