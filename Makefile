@@ -94,6 +94,10 @@ bench: setup ## Our trainer vs TRL's DPOTrainer, interleaved, 4 configurations x
 bench-learning: setup ## What ours and TRL learn: 4 tasks (3 content), full + LoRA, 5 seeds (~1.5 h); BENCH_ARGS=--quick for ~3 min
 	$(PY) tools/bench_learning.py $(BENCH_ARGS)
 
+.PHONY: bench-memory
+bench-memory: setup ## Peak memory of a training step with and without gradient checkpointing (CPU, ~1 min)
+	$(PY) tools/bench_memory.py $(BENCH_ARGS)
+
 .PHONY: bench-api
 bench-api: setup ## /health latency at 100 req/s while a job trains, and 10,000-record trigger accept latency
 	$(PY) tools/bench_api.py
@@ -109,7 +113,7 @@ gpu-check: ## On a CUDA machine: GPU tests, real-shape bf16-mixed runs with peak
 .PHONY: gpu-site
 gpu-site: setup ## Fill .gpu-site/ with the pinned packages a bare GPU machine lacks (for tools/gpu_check.sh)
 	mkdir -p .gpu-site/wheels
-	$(PIP) download --quiet --no-deps -d .gpu-site/wheels transformers==5.23.0 peft==0.21.2 hydra-core==1.3.8 omegaconf==2.3.1
+	$(PIP) download --quiet --no-deps -d .gpu-site/wheels transformers==5.23.0 peft==0.21.2 hydra-core==1.3.8 omegaconf==2.3.1 bitsandbytes==0.50.2
 	cp -r $(VENV)/lib/python3*/site-packages/antlr4 .gpu-site/
 
 ## -- docker -----------------------------------------------------------------------------------

@@ -9,16 +9,17 @@ from training import TrainingCancelled, run_training
 
 
 @pytest.mark.parametrize(
-    "lora, reference, precision",
+    "lora, reference, precision, optimizer",
     [
-        (False, "precompute", "fp32"),
-        (False, "live", "fp32"),
-        (True, "precompute", "fp32"),
-        (False, "precompute", "bf16-mixed"),  # fp32 master weights and optimizer state resume exactly
-        (True, "precompute", "bf16-mixed"),
+        (False, "precompute", "fp32", "adamw"),
+        (False, "live", "fp32", "adamw"),
+        (True, "precompute", "fp32", "adamw"),
+        (False, "precompute", "bf16-mixed", "adamw"),  # fp32 master weights and optimizer state resume exactly
+        (True, "precompute", "bf16-mixed", "adamw"),
+        (False, "precompute", "fp32", "adamw8bit"),  # quantized moments resume exactly too
     ],
 )
-def test_resumed_run_equals_uninterrupted_run(tmp_path, toy, trained_policy, lora, reference, precision):  # noqa: F811
+def test_resumed_run_equals_uninterrupted_run(tmp_path, toy, trained_policy, lora, reference, precision, optimizer):  # noqa: F811
     from transformers import AutoTokenizer
 
     records = toy(48)
@@ -27,6 +28,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, toy, trained_policy, lor
         "train.reference": reference,
         "train.checkpoint_every": 3,
         "train.precision": precision,
+        "train.optimizer": optimizer,
     }
     full = run_training(make_cfg(lora=lora, **values), records, tmp_path / "full")
     want_policy = trained_policy["policy"]

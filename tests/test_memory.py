@@ -104,3 +104,39 @@ def test_the_check_can_be_turned_off(tmp_path, toy, tiny_model_path):
     values = {"model.name_or_path": str(path), "model.build": None, "train.device": "cpu", "train.memory_check": False}
     with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin"):  # it went on to load the weights
         run_training(make_cfg(**values), toy(8), tmp_path / "out")
+
+
+def test_8bit_optimizer_and_4bit_base_shrink_the_estimate(tmp_path, tiny_model_path):
+    path = str(big_model_dir(tmp_path / "m", tiny_model_path))
+    adamw = estimate_memory(make_cfg(), path)
+    eight = estimate_memory(make_cfg(**{"train.optimizer": "adamw8bit"}), path)
+    n = adamw.weights / 4
+    assert eight.optimizer == 2 * n  # two 8-bit moments, no fp32 temporaries
+    lora = estimate_memory(make_cfg(lora=True, **{"train.precision": "bf16-mixed"}), path)
+    qlora = estimate_memory(
+        make_cfg(lora=True, **{"train.precision": "bf16-mixed", "model.quantization": "4bit"}), path
+    )
+    assert qlora.weights < 0.35 * lora.weights  # ~0.56 bytes for most weights instead of 2
+    assert qlora.total / GIB < 80  # a 70B model's QLoRA fits one 80 GB GPU's weights and state
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit"])
+def test_8bit_adamw_learns_the_toy_task(tmp_path, toy, optimizer):
+    cfg = make_cfg(**{"train.optimizer": optimizer, "train.epochs": 2})
+    result = run_training(cfg, toy(128), tmp_path / "out")
+    assert result.metrics["final_eval"]["eval/rewards/accuracies"] >= 0.9
+
+
+def test_qlora_trains_adapters_over_a_4bit_base(tmp_path, toy):
+    cfg = make_cfg(lora=True, **{"model.quantization": "4bit", "train.epochs": 2, "train.learning_rate": 3e-3})
+    events = []
+    result = run_training(cfg, toy(128), tmp_path / "out", on_progress=events.append)
+    assert result.metrics["final_eval"]["eval/rewards/accuracies"] >= 0.9
+    assert "adapter_model.safetensors" in result.files and "model.safetensors" not in result.files
+    layout = next(e for e in events if e["kind"] == "layout")
+    assert layout["layout"] == "shared_prefix", layout
+
+
+def test_4bit_without_lora_is_refused(tmp_path, toy):
+    with pytest.raises(ValueError, match="model.quantization: 4bit needs model.lora.enabled=true"):
+        run_training(make_cfg(**{"model.quantization": "4bit"}), toy(8), tmp_path / "out")

@@ -4,14 +4,14 @@
 #   1. tests/test_gpu.py: bf16-mixed training on CUDA, shared-prefix log-probs in bf16, and the
 #      model-family layout matrix in bf16 (each family's self-check report is printed);
 #   2. tools/gpu_real_shape.py: random-init models of published shapes (Qwen2.5-0.5B full
-#      fine-tuning in bf16-mixed at lr 1e-6, with and without gradient checkpointing; LoRA over a
-#      bf16 base; Gemma-2-2B, whose layout falls back to separate rows) with peak memory against
-#      the estimate;
+#      fine-tuning in bf16-mixed at lr 1e-6, with and without gradient checkpointing, with 8-bit
+#      AdamW; LoRA over a bf16 base; QLoRA over a 4-bit base; Gemma-2-2B, whose layout falls back
+#      to separate rows) with peak memory against the estimate;
 #   3. the precision, family, memory, checkpoint and chat-template tests (on CUDA where they
 #      pick the device themselves).
 #
-# The device machine has torch/transformers/peft but no package registry: Hydra, OmegaConf and
-# the pinned transformers/peft travel in .gpu-site/ (git-ignored; `make gpu-site` fills it).
+# The device machine has torch/transformers/peft but no package registry: Hydra, OmegaConf,
+# bitsandbytes and the pinned transformers/peft travel in .gpu-site/ (git-ignored; `make gpu-site`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}

@@ -58,12 +58,14 @@ SHAPES = {
         "query_pre_attn_scalar": 256,
     },
 }
-# name, shape, LoRA, learning rate, steps, gradient checkpointing
+# name, shape, LoRA, learning rate, steps, gradient checkpointing, other config values
 CASES = [
-    ("qwen0.5b-full-bf16mixed-lr1e-6", "qwen2.5-0.5b", False, 1e-6, 40, True),
-    ("qwen0.5b-full-no-checkpointing", "qwen2.5-0.5b", False, 1e-6, 8, False),
-    ("qwen0.5b-lora-bf16-base", "qwen2.5-0.5b", True, 2e-5, 8, True),
-    ("gemma2-2b-lora-layout-fallback", "gemma-2-2b", True, 5e-6, 4, True),
+    ("qwen0.5b-full-bf16mixed-lr1e-6", "qwen2.5-0.5b", False, 1e-6, 40, True, {}),
+    ("qwen0.5b-full-no-checkpointing", "qwen2.5-0.5b", False, 1e-6, 8, False, {}),
+    ("qwen0.5b-full-adamw8bit", "qwen2.5-0.5b", False, 1e-6, 8, True, {"train.optimizer": "adamw8bit"}),
+    ("qwen0.5b-lora-bf16-base", "qwen2.5-0.5b", True, 2e-5, 8, True, {}),
+    ("qwen0.5b-qlora-4bit", "qwen2.5-0.5b", True, 2e-5, 8, True, {"model.quantization": "4bit"}),
+    ("gemma2-2b-lora-layout-fallback", "gemma-2-2b", True, 5e-6, 4, True, {}),
 ]
 
 
@@ -92,7 +94,7 @@ def build(shape: str, root: Path, device: str) -> Path:
     return path
 
 
-def run_case(name, shape, lora, lr, steps, checkpointing, root: Path, device: str = "cuda") -> dict:
+def run_case(name, shape, lora, lr, steps, checkpointing, extra, root: Path, device: str = "cuda") -> dict:
     path = build(shape, root, device)
     cuda = device == "cuda"
     preset = "qwen2.5-0.5b"  # the GPU preset: bf16-mixed, its pass budget and lengths
@@ -109,6 +111,7 @@ def run_case(name, shape, lora, lr, steps, checkpointing, root: Path, device: st
             "train.evals": 0,
             "data.eval_fraction": 0.0,
             "train.device": device,
+            **extra,
         },
     )
     if cuda:
@@ -136,6 +139,7 @@ def run_case(name, shape, lora, lr, steps, checkpointing, root: Path, device: st
         "learning_rate": lr,
         "steps": len(losses),
         "gradient_checkpointing": checkpointing,
+        "extra": extra,
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "loss_min": min(losses),

@@ -80,12 +80,23 @@ def lr_lambda(scheduler: str, warmup: int, total: int) -> Callable[[int], float]
     return factor
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "rmsprop")
+
+
 def make_optimizer(params, cfg):
+    """AdamW, its 8-bit variants (bitsandbytes: block-wise quantized moments, 2 bytes a parameter
+    instead of 8; "paged" also lets the state spill to host memory under pressure), or RMSprop."""
+    kwargs = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, **kwargs)
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    raise ValueError(f"train.optimizer: expected adamw | rmsprop, got {cfg.optimizer!r}")
+        return torch.optim.RMSprop(params, **kwargs)
+    if cfg.optimizer in ("adamw8bit", "paged_adamw8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw8bit" else bnb.optim.PagedAdamW8bit
+        return cls(params, **kwargs)
+    raise ValueError(f"train.optimizer: expected {' | '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
 
 
 class PairBatches:

@@ -52,18 +52,25 @@ def _meta_model(path: str, trust_remote_code: bool):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), config
 
 
+def body_linears(model):
+    """(name, module) of the linear layers LoRA and 4-bit quantization apply to: all but the head."""
+    head = model.get_output_embeddings()
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
 def lora_parameters(model, lora_cfg) -> int:
     """Trainable LoRA parameters: r x (in + out) for each targeted linear layer."""
     target = lora_cfg.target_modules
     names = None if target == "all-linear" else set([target] if isinstance(target, str) else target)
-    head = model.get_output_embeddings()
-    total = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is head:
-            continue
-        if names is None or name.rsplit(".", 1)[-1] in names:
-            total += lora_cfg.r * (module.in_features + module.out_features)
-    return total
+    return sum(
+        lora_cfg.r * (m.in_features + m.out_features)
+        for name, m in body_linears(model)
+        if names is None or name.rsplit(".", 1)[-1] in names
+    )
+
+
+NF4_BYTES = 0.5 + 0.0625  # 4-bit weights plus double-quantized block constants
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2, "rmsprop": 4}  # state a trainable parameter
 
 
 def estimate_memory(cfg, path: str) -> MemoryEstimate:
@@ -74,12 +81,16 @@ def estimate_memory(cfg, path: str) -> MemoryEstimate:
     compute_bytes = 2 if precision == "bf16-mixed" else 4
     trainable = lora_parameters(model, cfg.model.lora) if lora else n
     frozen_bytes = (compute_bytes if lora else 4) * n  # LoRA's base is loaded in the compute dtype
-    weights = frozen_bytes + (4 * trainable if lora else 0)
+    if cfg.model.quantization == "4bit":
+        quantized = sum(m.weight.numel() for _, m in body_linears(model))
+        frozen_bytes = NF4_BYTES * quantized + compute_bytes * (n - quantized)
+    weights = int(frozen_bytes) + (4 * trainable if lora else 0)
     if precision == "bf16-mixed" and not lora:
         weights += 2 * n  # autocast keeps a bf16 copy of each fp32 weight for the pass
     # state (AdamW: two fp32 moments), plus the temporaries of torch's multi-tensor step (~one
     # fp32 copy of the trainable weights; measured on an H200: plan/performance.md)
-    optimizer = (8 if tcfg.optimizer == "adamw" else 4) * trainable + 4 * trainable
+    temporaries = 0 if "8bit" in tcfg.optimizer else 4 * trainable
+    optimizer = OPTIMIZER_BYTES.get(tcfg.optimizer, 8) * trainable + temporaries
     live_copy = tcfg.reference == "live" and not lora and not cfg.loss.reference_free
     reference = 4 * n if live_copy else 0
 

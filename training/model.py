@@ -64,9 +64,11 @@ def load_policy(model_cfg, precision: str, device: torch.device):
     path = model_path(model_cfg)
     trust = model_cfg.trust_remote_code
     source_dtype = declared_dtype(AutoConfig.from_pretrained(path, trust_remote_code=trust))
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=load_dtype(precision, model_cfg.lora.enabled), trust_remote_code=trust
-    )
+    dtype = load_dtype(precision, model_cfg.lora.enabled)
+    extra = {}
+    if model_cfg.quantization is not None:
+        extra = {"quantization_config": quantization_config(model_cfg, precision), "device_map": {"": device}}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust, **extra)
     disable_dropout(model)
     if model_cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
@@ -80,7 +82,26 @@ def load_policy(model_cfg, precision: str, device: torch.device):
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)  # adapters in fp32 over any base dtype (PEFT's autocast_adapter_dtype)
-    return model.to(device), path, source_dtype
+    return (model if extra else model.to(device)), path, source_dtype
+
+
+def quantization_config(model_cfg, precision: str):
+    """QLoRA's base: 4-bit NF4 weights with double quantization, computing in the run's dtype.
+    Only a frozen base can be quantized, so it needs LoRA."""
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization != "4bit":
+        raise ValueError(f"model.quantization: expected null | 4bit, got {model_cfg.quantization!r}")
+    if not model_cfg.lora.enabled:
+        raise ValueError(
+            "model.quantization: 4bit needs model.lora.enabled=true (QLoRA trains adapters over a frozen 4-bit base)"
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=load_dtype(precision, lora=True),
+    )
 
 
 class Reference:
