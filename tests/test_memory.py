@@ -72,7 +72,7 @@ def test_a_job_that_cannot_fit_fails_before_loading_with_the_numbers(tmp_path, t
     message = str(info.value)
     assert message.startswith("the job needs about ")
     assert "weights 262." in message and "optimizer 788." in message  # 70.6e9 params: 4 and 8 + 4 bytes each
-    assert "GiB free on cpu" in message and "model.lora.enabled=true" in message
+    assert "GiB free on cpu" in message and "model.lora.enabled=true" in message and "adamw8bit" in message
 
 
 def test_estimate_parts_follow_precision_lora_and_reference(tmp_path, tiny_model_path):

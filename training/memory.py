@@ -128,6 +128,10 @@ def check_memory(cfg, path: str, device: torch.device) -> MemoryEstimate:
         hints = []
         if not cfg.model.lora.enabled:
             hints.append("model.lora.enabled=true (LoRA trains ~1% of the weights)")
+        elif cfg.model.quantization is None:
+            hints.append("model.quantization=4bit (QLoRA)")
+        if cfg.train.optimizer == "adamw":
+            hints.append("train.optimizer=adamw8bit")
         if not cfg.train.gradient_checkpointing:
             hints.append("train.gradient_checkpointing=true")
         hints.append("a smaller model.max_forward_tokens")
