@@ -41,13 +41,14 @@ def job_training_config(overrides: TrainOverrides | None, settings: Settings) ->
     except (KeyError, ValueError) as err:  # the schema ranges make this rare: a bug, said plainly
         raise ServiceError(422, "invalid_config", f"config: {err}", field="config") from None
     length, prompt = cfg.data.max_length, cfg.data.max_prompt_length
-    if prompt >= length:
-        if "data.max_prompt_length" in values:
+    if "data.max_prompt_length" in values:
+        if prompt >= length:
             raise ServiceError(
                 422,
                 "invalid_config",
                 f"config.max_prompt_length: must be smaller than max_length ({length}), got {prompt}",
                 field="config.max_prompt_length",
             )
-        values["data.max_prompt_length"] = length // 2  # a shorter max_length than the preset's: keep room for answers
+    elif "data.max_length" in values and prompt > length // 2:
+        values["data.max_prompt_length"] = length // 2  # a shorter sequence than the preset's: keep room for answers
     return {"model": preset, "loss": loss, "values": values}

@@ -21,7 +21,10 @@ class TrainOverrides(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(
-        None, max_length=256, description="a config/model/*.yaml preset, or a hub id / local path in DPO_ALLOWED_MODELS"
+        None,
+        min_length=1,
+        max_length=256,
+        description="a config/model/*.yaml preset, or a hub id / local path in DPO_ALLOWED_MODELS",
     )
     loss: str | None = Field(None, description="a config/loss/*.yaml name")
     beta: float | None = Field(None, gt=0, le=10)
@@ -42,13 +45,6 @@ class TrainOverrides(BaseModel):
         if value is not None and value not in available("loss"):
             raise ValueError(f"expected one of {available('loss')}")
         return value
-
-    @model_validator(mode="after")
-    def _prompt_shorter_than_sequence(self):
-        if self.max_length is not None and self.max_prompt_length is not None:
-            if self.max_prompt_length >= self.max_length:
-                raise ValueError("max_prompt_length must be smaller than max_length")
-        return self
 
     def config_values(self) -> dict[str, Any]:
         """Dotted config keys -> typed values for training.config.compose_config."""

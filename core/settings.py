@@ -75,6 +75,13 @@ class Settings(BaseSettings):
             return [m.strip() for m in value.split(",") if m.strip()]
         return value
 
+    @field_validator("default_model")
+    @classmethod
+    def _usable_model(cls, value):
+        if not value.strip() or value == "custom":
+            raise ValueError("expected a preset name, a hub id or a local path (the `custom` preset needs one)")
+        return value
+
     @field_validator("default_loss")
     @classmethod
     def _known_loss(cls, value):

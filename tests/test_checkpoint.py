@@ -78,3 +78,28 @@ def test_periodic_checkpoints_replace_each_other(tmp_path, toy):
         tmp_path / "o",
     )
     assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint"]
+
+
+def test_a_checkpoint_of_another_configuration_is_discarded_not_resumed(tmp_path, toy):
+    """A deploy that changes a preset (or other data) between a stop and the resume must not mix
+    two runs: the old checkpoint is dropped with a warning and training starts over."""
+    from training.loop import CHECKPOINT_DISCARDED
+
+    ckpt = tmp_path / "ckpt"
+    values = {"train.epochs": 2, "train.checkpoint_every": 2, "train.checkpoint_dir": str(ckpt)}
+    steps = []
+    with pytest.raises(TrainingCancelled):
+        run_training(
+            make_cfg(**values),
+            toy(48),
+            tmp_path / "first",
+            on_progress=steps.append,
+            should_stop=lambda: len([e for e in steps if e["kind"] == "step"]) >= 3,
+        )
+    events = []
+    changed = make_cfg(**values, **{"train.learning_rate": 1e-4})
+    result = run_training(changed, toy(48), tmp_path / "second", on_progress=events.append)
+    assert {"kind": "warning", "message": CHECKPOINT_DISCARDED} in events
+    assert not any(e["kind"] == "resumed" for e in events)
+    assert [e["step"] for e in events if e["kind"] == "step"][0] == 1
+    assert result.metrics["steps"] == result.metrics["total_steps"]

@@ -99,7 +99,11 @@ def test_the_estimate_is_recorded(tmp_path, toy):
     assert recorded["total"] > 0 and set(recorded) >= {"weights", "gradients", "optimizer", "activations"}
 
 
-def test_the_check_can_be_turned_off(tmp_path, toy, tiny_model_path):
+def test_the_check_can_be_turned_off(tmp_path, toy, tiny_model_path, monkeypatch):
+    def not_called(*args):
+        raise AssertionError("the estimate ran with train.memory_check=false")
+
+    monkeypatch.setattr("training.memory.estimate_memory", not_called)
     path = big_model_dir(tmp_path / "m", tiny_model_path)
     values = {"model.name_or_path": str(path), "model.build": None, "train.device": "cpu", "train.memory_check": False}
     with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin"):  # it went on to load the weights

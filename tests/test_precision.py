@@ -126,3 +126,24 @@ def test_bf16_mixed_lora_saves_fp32_adapters(tmp_path, toy, bf16_model_path):
 def test_unknown_precision_is_refused(tmp_path, toy):
     with pytest.raises(ValueError, match=r"train.precision: expected fp32 \| bf16-mixed, got 'bf16'"):
         run_training(make_cfg(**{"train.precision": "bf16"}), toy(8), tmp_path / "out")
+
+
+@pytest.mark.parametrize("reference", ["precompute", "live"])
+def test_bf16_mixed_runs_every_forward_pass_under_autocast(toy, reference):
+    """Policy steps, reference log-probs (precomputed or live), held-out evals and the layout
+    self-check all compute in bf16; the weights stay fp32."""
+    cfg = make_cfg(**{"train.precision": "bf16-mixed", "train.max_steps": 2, "train.reference": reference})
+    policy, path, _ = load_policy(cfg.model, cfg.train.precision, torch.device("cpu"))
+    tokenizer = load_tokenizer(path)
+    examples = tokenize_pairs(tokenizer, normalise_records(toy(24))[0], 128, 64, "keep_end")
+    seen = []  # (grad enabled, training mode, output dtype) of each pass through one projection
+
+    def hook(module, args, output):
+        seen.append((torch.is_grad_enabled(), module.training, output.dtype))
+
+    # the live reference is a deep copy of the policy: the hook travels with it
+    policy.model.layers[0].mlp.down_proj.register_forward_hook(hook)
+    train_policy(policy, examples, tokenizer.pad_token_id, cfg)
+    assert {dtype for *_, dtype in seen} == {torch.bfloat16}
+    assert any(grad for grad, *_ in seen) and any(not grad for grad, *_ in seen)  # training and no-grad passes
+    assert policy.model.layers[0].mlp.down_proj.weight.dtype == torch.float32

@@ -196,8 +196,8 @@ def test_verify_uses_the_body_bytes_exactly():
         ),
         (
             {"communityId": "c", "config": {"max_length": 64, "max_prompt_length": 64}},
-            "config",
-            "max_prompt_length must be smaller than max_length",
+            "config.max_prompt_length",
+            "config.max_prompt_length: must be smaller than max_length (64), got 64",
         ),
         ({"communityId": "c", "config": {"loss": "${oc.env:DPO_WEBHOOK_SECRET}"}}, "config.loss", "expected one of"),
         ({"communityId": "../x"}, "communityId", "should match pattern"),

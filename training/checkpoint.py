@@ -4,20 +4,39 @@ A checkpoint holds the trainable weights (the full model, or only the LoRA adapt
 optimizer and scheduler state, the RNG states, the data position (epoch, batches done, the
 shuffling generator's state at the epoch's start), the metrics so far and the precomputed
 reference log-probs (the reference is the *initial* policy: it must not be recomputed from a
-resumed one). Written aside and renamed into place, so a crash mid-write leaves the previous one.
+resumed one), and a fingerprint of the config, data and layout it belongs to: a checkpoint of
+another run is discarded, not resumed. Written aside and renamed into place, so a crash mid-write leaves the previous one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 NAME = "checkpoint"
 
 
-def save_checkpoint(directory: Path, policy, optimizer, scheduler, state, position: dict, precomputed) -> Path:
+def run_fingerprint(cfg, examples, layout: dict) -> str:
+    """What a checkpoint is only valid for: the resolved training config (minus where checkpoints
+    and outputs go), the tokenized data's shape and the batch layout. A resume under anything else
+    (a deploy that changed a preset, other data) would mix two runs."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("output_dir", None)
+    for key in ("checkpoint_dir", "checkpoint_every", "threads"):
+        values["train"].pop(key, None)
+    shape = [len(examples), sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)]
+    text = json.dumps({"config": values, "data": shape, "layout": layout.get("layout")}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def save_checkpoint(
+    directory: Path, policy, optimizer, scheduler, state, position: dict, precomputed, fingerprint: str
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final, staging, old = directory / NAME, directory / f"{NAME}.tmp", directory / f"{NAME}.old"
     shutil.rmtree(staging, ignore_errors=True)
@@ -34,6 +53,7 @@ def save_checkpoint(directory: Path, policy, optimizer, scheduler, state, positi
             "step": state.step,
             "history": state.history,
             "evals": state.evals,
+            "fingerprint": fingerprint,
             "precomputed": None if precomputed is None else [t.detach().cpu() for t in precomputed],
         },
         staging / "state.pt",

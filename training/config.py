@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import threading
 from pathlib import Path
 from typing import Any
@@ -33,18 +35,26 @@ def compose_config(
     Values are assigned as Python objects, never parsed as Hydra override strings, so a caller's
     string cannot inject overrides; keys must already exist in the config.
     """
-    from hydra import compose, initialize_config_dir
-
     for group, name in (("model", model), ("loss", loss)):
         if name not in available(group):
             raise ValueError(f"{group}: expected one of {available(group)}, got {name!r}")
-    with _compose_lock, initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=[f"model={model}", f"loss={loss}"])
-    OmegaConf.set_struct(cfg, True)
+    cfg = copy.deepcopy(_compose_base(config_name, model, loss))
     for key, value in (values or {}).items():
         if not has_key(cfg, key):
             raise KeyError(f"unknown config key {key!r}")
         OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+@functools.lru_cache(maxsize=64)
+def _compose_base(config_name: str, model: str, loss: str) -> DictConfig:
+    """config.yaml with a model and loss, composed once per process (Hydra takes ~0.1 s and a
+    global lock); callers get deep copies."""
+    from hydra import compose, initialize_config_dir
+
+    with _compose_lock, initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=[f"model={model}", f"loss={loss}"])
+    OmegaConf.set_struct(cfg, True)
     return cfg
 
 

@@ -74,9 +74,9 @@ def run_training(
             "name_or_path": path,
             "lora": bool(cfg.model.lora.enabled),
             "precision": cfg.train.precision,
-            "saved_dtype": str(source_dtype).removeprefix("torch."),
+            "saved_dtype": "float32" if cfg.model.lora.enabled else str(source_dtype).removeprefix("torch."),
         },
-        "memory_estimate_gib": estimate.as_dict(),
+        "memory_estimate_gib": estimate.as_dict() if estimate else None,
         "wall_s": time.perf_counter() - started,
     }
     metrics = save_run(out, policy, tokenizer, cfg, state, extra, source_dtype)

@@ -6,28 +6,34 @@ every decoder family people fine-tune; two families give different log-probs (te
 and any model with a sliding window shorter than a shared row would too. So each job:
 
 1. refuses the shared layout up front for a known family or a too-short sliding window, and
-2. otherwise compares both layouts on one batch of its own data, on the actual model (one extra
-   forward pass each, no gradients), and uses separate rows on a mismatch.
+2. otherwise compares both layouts on one batch of its own data, on the actual model in the job's
+   compute precision (one extra forward pass each, no gradients), token by token, and uses
+   separate rows on a mismatch.
 
 Either way the choice and its reason are reported (an event, and metrics.json "layout").
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from training.batching import collate, collate_shared_prefix
-from training.logprobs import model_logps
+from training.logprobs import token_logps
 from training.tokenize import TokenizedPair
 
 # Families whose log-probs differ between the layouts (measured by tests/test_families.py with
 # transformers 5.23): gemma2 (eager attention) does not apply our mask as given.
 SEPARATE_ROWS_FAMILIES = {"gemma2"}
 
-# Largest per-token difference (nats) that still counts as the same result: fp32 differs only in
-# summation order (~1e-6 measured); a bf16 base rounds each layout's activations differently.
+# Largest difference (nats) of one response token's log-prob between the layouts that still
+# counts as the same result: fp32 differs only in summation order (~1e-6 measured); bf16 compute
+# (autocast, or a bf16 LoRA base) rounds each layout's activations differently (6e-4 measured on
+# a 0.5B model, plan/performance.md).
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 CHECK_PAIRS = 4  # at most this many of the longest pairs: the likeliest to expose a window or position problem
+CHECK_TOKENS = 2048  # at most this many tokens in the check's separate rows (their full-vocabulary logits)
 
 
 def _config(model):
@@ -45,6 +51,10 @@ def sliding_window(model) -> int | None:
     return int(window)
 
 
+def shared_row(pair: TokenizedPair) -> int:
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
 def known_reason(model, longest_row: int) -> str | None:
     """Why the shared layout cannot be right for this model, known before running it."""
     config = _config(model)
@@ -59,8 +69,9 @@ def known_reason(model, longest_row: int) -> str | None:
 
 
 @torch.no_grad()
-def layout_difference(model, examples: list[TokenizedPair], pad_id: int) -> float:
-    """Largest per-token difference (nats) of a sequence's log-prob between the two layouts."""
+def layout_difference(model, examples: list[TokenizedPair], pad_id: int, forward=contextlib.nullcontext) -> float:
+    """Largest difference (nats) of one response token's log-prob between the two layouts, both
+    run in the job's compute context `forward` (e.g. bf16 autocast)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -68,45 +79,53 @@ def layout_difference(model, examples: list[TokenizedPair], pad_id: int) -> floa
         results = []
         for collate_fn in (collate, collate_shared_prefix):
             batch = {k: v.to(device) for k, v in collate_fn(examples, pad_id).items()}
-            chosen, rejected, _ = model_logps(model, batch)
-            results.append(torch.cat([chosen, rejected]))
+            with forward():
+                results.append(token_logps(model, batch))
     finally:
         model.train(was_training)
-    lengths = [len(e.chosen_ids) for e in examples] + [len(e.rejected_ids) for e in examples]
-    counts = torch.tensor(lengths, device=device).clamp(min=1)
-    return ((results[0] - results[1]).abs() / counts).max().item()
+    return (results[0] - results[1]).abs().max().item()
 
 
 def check_sample(examples: list[TokenizedPair], budget: int | None) -> list[TokenizedPair]:
-    """The longest pairs, at most CHECK_PAIRS, whose separate rows fit one forward pass of
-    `budget` tokens (at least one pair)."""
-    longest = sorted(examples, key=lambda e: len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)))[::-1]
+    """The pairs with the longest shared rows, at most CHECK_PAIRS, whose separate rows stay within
+    one pass of `budget` tokens and CHECK_TOKENS (at least one pair)."""
+    longest = sorted(examples, key=shared_row, reverse=True)
+    limit = min(budget or CHECK_TOKENS, CHECK_TOKENS)
     sample = longest[:1]
     for pair in longest[1:CHECK_PAIRS]:
-        width = len(sample[0].prompt_ids) + max(len(sample[0].chosen_ids), len(sample[0].rejected_ids))
-        if budget is not None and 2 * (len(sample) + 1) * width > budget:
+        width = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in [*sample, pair])
+        if 2 * (len(sample) + 1) * width > limit:
             break
         sample.append(pair)
     return sample
 
 
 def choose_layout(
-    model, examples: list[TokenizedPair], pad_id: int, requested: bool, budget: int | None = None
+    model,
+    examples: list[TokenizedPair],
+    pad_id: int,
+    requested: bool,
+    budget: int | None = None,
+    forward=contextlib.nullcontext,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[bool, dict]:
-    """(use the shared layout?, a report for events and metrics). `budget`: tokens in one pass."""
+    """(use the shared layout?, a report for events and metrics). `budget`: tokens in one pass;
+    `forward`: the job's compute context; `compute_dtype`: the dtype it computes in (default:
+    the smallest floating dtype of the weights)."""
     if not requested:
         return False, {"layout": "separate_rows", "reason": "train.shared_prefix is false"}
-    longest_row = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
-    reason = known_reason(model, longest_row)
+    reason = known_reason(model, max(shared_row(e) for e in examples))
     if reason is not None:
         return False, {"layout": "separate_rows", "reason": reason}
-    dtype = min((p.dtype for p in model.parameters() if p.is_floating_point()), key=lambda d: torch.finfo(d).bits)
-    tolerance = TOLERANCE[dtype]
-    difference = layout_difference(model, check_sample(examples, budget), pad_id)
+    if compute_dtype is None:
+        floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        compute_dtype = min(floating, key=lambda d: torch.finfo(d).bits)
+    tolerance = TOLERANCE[compute_dtype]
+    difference = layout_difference(model, check_sample(examples, budget), pad_id, forward)
     report = {"self_check_difference": difference, "self_check_tolerance": tolerance}
     if difference > tolerance:
         reason = (
-            f"shared-prefix log-probs differ from separate rows by {difference:.3g} nats a token"
+            f"shared-prefix log-probs differ from separate rows by up to {difference:.3g} nats a token"
             f" (tolerance {tolerance:g}) on this model"
         )
         return False, {"layout": "separate_rows", "reason": reason, **report}

@@ -7,13 +7,10 @@ import torch
 from training.batching import IGNORE
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False, chunk_size: int = 1024):
-    """Sum (or mean) over response tokens of log p(token | prefix), per row.
-
-    logits (N, T, V) from the model, labels (N, T) with IGNORE outside responses. Only response
-    positions are scored, in fp32, `chunk_size` positions at a time, so a full-vocabulary fp32
-    log-softmax of the whole batch never exists. Returns (logps (N,), token counts (N,)).
-    """
+def row_token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024):
+    """log p(token | prefix) of every response token, in fp32, row by row in position order:
+    (per-token logps (M,), the row of each (M,)). Only response positions are scored,
+    `chunk_size` at a time, so a full-vocabulary fp32 log-softmax of the batch never exists."""
     shifted_labels = labels[:, 1:]
     rows, cols = (shifted_labels != IGNORE).nonzero(as_tuple=True)
     targets = shifted_labels[rows, cols]
@@ -24,6 +21,16 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
         picked = chunk.gather(1, targets[start : start + chunk_size, None]).squeeze(1)
         token_logps.append(picked - torch.logsumexp(chunk, dim=-1))
     per_token = torch.cat(token_logps) if token_logps else logits.new_zeros(0, dtype=torch.float32)
+    return per_token, rows
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False, chunk_size: int = 1024):
+    """Sum (or mean) over response tokens of log p(token | prefix), per row.
+
+    logits (N, T, V) from the model, labels (N, T) with IGNORE outside responses.
+    Returns (logps (N,), token counts (N,)).
+    """
+    per_token, rows = row_token_logps(logits, labels, chunk_size)
     n = labels.shape[0]
     # Accumulate in float64: a sequence's sum of hundreds of terms then stays exact to fp32 precision.
     sums = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add(0, rows, per_token.double()).float()
@@ -75,10 +82,8 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def shared_prefix_logps(model, batch: dict[str, torch.Tensor], average: bool = False, chunk_size: int = 1024):
-    """The decoder runs once per pair; the LM head and the fp32 log-softmax run only on the
-    positions that predict a response token, `chunk_size` at a time (prompt and padding
-    positions never reach the vocabulary projection)."""
+def shared_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024):
+    """Per-token logps of a shared-prefix batch and the sequence of each (i chosen, B+i rejected)."""
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -86,13 +91,30 @@ def shared_prefix_logps(model, batch: dict[str, torch.Tensor], average: bool = F
         use_cache=False,
     ).last_hidden_state
     picked = hidden[batch["score_rows"], batch["score_cols"]]  # (M, H)
-    targets, seq = batch["score_targets"], batch["score_seq"]
+    targets = batch["score_targets"]
     token_logps = []
     for start in range(0, targets.numel(), chunk_size):
         logits = head_logits(model, picked[start : start + chunk_size]).float()
         chosen = logits.gather(1, targets[start : start + chunk_size, None]).squeeze(1)
         token_logps.append(chosen - torch.logsumexp(logits, dim=-1))
-    per_token = torch.cat(token_logps)
+    return torch.cat(token_logps), batch["score_seq"]
+
+
+def token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
+    """Every response token's logp, sequence by sequence (chosen then rejected), in position
+    order, whatever the layout: the two layouts' results compare element by element."""
+    if "score_seq" in batch:
+        per_token, seq = shared_token_logps(model, batch, chunk_size)
+        return per_token[torch.argsort(seq, stable=True)]  # scored pair by pair -> sequence by sequence
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return row_token_logps(logits, batch["labels"], chunk_size)[0]
+
+
+def shared_prefix_logps(model, batch: dict[str, torch.Tensor], average: bool = False, chunk_size: int = 1024):
+    """The decoder runs once per pair; the LM head and the fp32 log-softmax run only on the
+    positions that predict a response token, `chunk_size` at a time (prompt and padding
+    positions never reach the vocabulary projection)."""
+    per_token, seq = shared_token_logps(model, batch, chunk_size)
     n = 2 * batch["input_ids"].shape[0]
     sums = torch.zeros(n, dtype=torch.float64, device=per_token.device).index_add(0, seq, per_token.double()).float()
     counts = torch.zeros(n, dtype=torch.float32, device=per_token.device).index_add(0, seq, torch.ones_like(per_token))

@@ -15,15 +15,18 @@ from pathlib import Path
 import torch
 
 from training.batching import batch_tokens, check_forward_budget, collate, collate_shared_prefix
-from training.checkpoint import load_checkpoint, restore_weights, save_checkpoint
+from training.checkpoint import load_checkpoint, restore_weights, run_fingerprint, save_checkpoint
 from training.layout import choose_layout
 from training.logprobs import model_logps
 from training.losses import preference_loss
 from training.model import Reference, enable_gradient_checkpointing
-from training.precision import compute_context
+from training.precision import compute_context, compute_dtype
 from training.tokenize import TokenizedPair
 
 ProgressFn = Callable[[dict], None]
+CHECKPOINT_DISCARDED = (
+    "a checkpoint from a different configuration, data or batch layout was discarded; training starts over"
+)
 StopFn = Callable[[], bool]
 
 
@@ -268,7 +271,9 @@ def train_policy(
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     budget = check_forward_budget(cfg.model.max_forward_tokens)
-    shared, layout = choose_layout(policy, examples, pad_id, tcfg.shared_prefix, budget)
+    shared, layout = choose_layout(
+        policy, examples, pad_id, tcfg.shared_prefix, budget, forward, compute_dtype(tcfg.precision, policy)
+    )
     emit({"kind": "layout", **layout})
     if tcfg.shared_prefix and not shared:
         emit({"kind": "warning", "message": f"using separate chosen/rejected rows: {layout['reason']}"})
@@ -279,6 +284,10 @@ def train_policy(
     # policy itself before its first step (precompute).
     checkpoint_dir = Path(tcfg.checkpoint_dir) if tcfg.checkpoint_dir else None
     resume = load_checkpoint(checkpoint_dir)
+    fingerprint = run_fingerprint(cfg, examples, layout)
+    if resume is not None and resume.get("fingerprint") != fingerprint:
+        emit({"kind": "warning", "message": CHECKPOINT_DISCARDED})
+        resume = None
     reference, precomputed = None, None
     if not loss_cfg.reference_free:
         if tcfg.reference not in ("precompute", "live"):
@@ -336,7 +345,7 @@ def train_policy(
     def checkpoint(epoch: int, batches_done: int, generator_state) -> None:
         if checkpoint_dir is not None:
             position = {"epoch": epoch, "batches_done": batches_done, "generator_state": generator_state}
-            save_checkpoint(checkpoint_dir, policy, optimizer, scheduler, state, position, precomputed)
+            save_checkpoint(checkpoint_dir, policy, optimizer, scheduler, state, position, precomputed, fingerprint)
 
     for epoch in range(start_epoch, tcfg.epochs):
         epoch_generator_state = generator.get_state()  # replaying it rebuilds this epoch's batches on resume

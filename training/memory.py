@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from training.batching import check_forward_budget
+from training.layout import known_reason
 
 GIB = 1024**3
 HEADROOM = 0.9  # plan to use at most this share of the free memory (allocator fragmentation, CUDA context)
@@ -53,9 +54,12 @@ def _meta_model(path: str, trust_remote_code: bool):
 
 
 def body_linears(model):
-    """(name, module) of the linear layers LoRA and 4-bit quantization apply to: all but the head."""
+    """(name, module) of the linear layers LoRA and 4-bit quantization apply to: all but the
+    head (nn.Linear, and GPT-2's Conv1D, a linear layer with its weight transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
     head = model.get_output_embeddings()
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D) and m is not head]
 
 
 def lora_parameters(model, lora_cfg) -> int:
@@ -63,7 +67,7 @@ def lora_parameters(model, lora_cfg) -> int:
     target = lora_cfg.target_modules
     names = None if target == "all-linear" else set([target] if isinstance(target, str) else target)
     return sum(
-        lora_cfg.r * (m.in_features + m.out_features)
+        lora_cfg.r * sum(m.weight.shape)
         for name, m in body_linears(model)
         if names is None or name.rsplit(".", 1)[-1] in names
     )
@@ -104,15 +108,21 @@ def estimate_memory(cfg, path: str) -> MemoryEstimate:
         activation_bytes = budget * (hidden * compute_bytes * layers + per_layer_token)
     else:
         activation_bytes = budget * per_layer_token * layers
-    # separate rows materialise the logits of every position (fp32 copy included); the shared
-    # layout only logits_chunk rows at a time
-    logits = budget * vocab * (compute_bytes + 4) if not tcfg.shared_prefix else tcfg.logprob_chunk_size * vocab * 12
+    # separate rows materialise the logits of every position; the shared layout only
+    # logprob_chunk_size rows at a time (both: fp32 chunks). Separate rows are counted when the job
+    # will use them: asked for, or a fallback known from the config (training/layout.py).
+    separate = not tcfg.shared_prefix or known_reason(model, 2 * cfg.data.max_length) is not None
+    logits = (budget * vocab * compute_bytes if separate else 0) + tcfg.logprob_chunk_size * vocab * 12
     return MemoryEstimate(weights, 4 * trainable, optimizer, reference, activation_bytes + logits)
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free for this job on the device."""
+    """Bytes free for this job on the device (an earlier job's cached blocks released first)."""
     if device.type == "cuda":
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     import psutil
@@ -120,11 +130,14 @@ def free_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_memory(cfg, path: str, device: torch.device) -> MemoryEstimate:
-    """The estimate, or InsufficientMemory naming what does not fit and what would help."""
+def check_memory(cfg, path: str, device: torch.device) -> MemoryEstimate | None:
+    """The estimate, or InsufficientMemory naming what does not fit and what would help; None
+    when train.memory_check is off (nothing is estimated: the model's config is not even read)."""
+    if not cfg.train.memory_check:
+        return None
     estimate = estimate_memory(cfg, path)
     free = free_memory(device)
-    if cfg.train.memory_check and estimate.total > HEADROOM * free:
+    if estimate.total > HEADROOM * free:
         hints = []
         if not cfg.model.lora.enabled:
             hints.append("model.lora.enabled=true (LoRA trains ~1% of the weights)")

@@ -37,6 +37,14 @@ def compute_context(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
+def compute_dtype(precision: str, model) -> torch.dtype:
+    """The dtype the job's forward passes compute in: bf16 under autocast, else the weights'."""
+    if check_precision(precision) == "bf16-mixed":
+        return torch.bfloat16
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return min(floating, key=lambda d: torch.finfo(d).bits)
+
+
 def declared_dtype(model_config) -> torch.dtype:
     """The dtype a checkpoint declares for its weights (its config.json), fp32 when silent."""
     value = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
