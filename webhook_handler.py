@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import SERVICE_NAME, __version__
-from core.auth import HEADER, verify
 from core.callbacks import check_callback_url
-from core.errors import IDEMPOTENCY_CONFLICT, JOB_NOT_FOUND, ServiceError
+from core.errors import CALLBACK_NEEDS_SECRET, IDEMPOTENCY_CONFLICT, JOB_NOT_FOUND, MISSING_SIGNATURE, ServiceError
+from core.gate import VERIFIED, Gate
 from core.job_config import job_training_config
 from core.jobs import ActiveJobConflict, IdempotencyConflict, JobStore, QueueFull
 from core.metrics import Metrics
@@ -48,6 +48,7 @@ from storage import build_storage
 from training.records import RecordError, normalise_records
 
 log = logging.getLogger("dpo")
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 # -- dependencies -----------------------------------------------------------------------------
@@ -56,15 +57,10 @@ def _state(request: Request):
 
 
 async def require_signature(request: Request) -> bytes:
-    """Verify X-DPO-Signature over the raw body; returns the body."""
-    settings: Settings = request.app.state.settings
-    body = await request.body()
-    if settings.webhook_secret is None:  # only possible with DPO_ALLOW_UNSIGNED=1
-        return body
-    verify(
-        request.headers.get(HEADER), body, settings.webhook_secret.get_secret_value(), settings.signature_tolerance_s
-    )
-    return body
+    """The raw body of a request the gate (core/gate.py) verified; 401 if it did not."""
+    if request.app.state.settings.webhook_secrets is not None and not request.scope.get(VERIFIED):
+        raise ServiceError(401, "unauthorized", MISSING_SIGNATURE)  # only if the gate were bypassed
+    return await request.body()
 
 
 Signed = Annotated[bytes, Depends(require_signature)]
@@ -127,6 +123,8 @@ async def trigger_finetune(
         raise ServiceError(503, "shutting_down", "the service is shutting down; retry on another instance")
     if payload.callbackUrl is not None:
         check_callback_url(payload.callbackUrl, state.settings.callback_allowed_hosts)
+        if state.settings.callback_secret is None and state.settings.webhook_secret is not None:
+            raise ServiceError(422, "validation_error", CALLBACK_NEEDS_SECRET, field="callbackUrl")
     settings = state.settings
     if payload.dataset is not None:
         if len(payload.dataset) > settings.max_records:
@@ -324,25 +322,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        """413 before a large body is read (Content-Length), or as soon as a streamed one passes the limit."""
-        limit = settings.max_body_bytes
-        too_large = JSONResponse(
-            {"error": {"code": "payload_too_large", "message": f"request body larger than {limit} bytes"}},
-            status_code=413,
-        )
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return too_large
-        if request.method in ("POST", "PUT", "PATCH") and declared is None:
-            received = bytearray()
-            async for chunk in request.stream():
-                received += chunk
-                if len(received) > limit:
-                    return too_large
-            request._body = bytes(received)  # starlette reads the cached body later
-        return await call_next(request)
+    # The gate verifies signatures (and the body limit) on raw bytes before any route runs.
+    app.add_middleware(
+        Gate,
+        secrets=settings.webhook_secrets,
+        max_body_bytes=settings.max_body_bytes,
+        tolerance_s=settings.signature_tolerance_s,
+        remember=lambda mac, expires_at: app.state.store.remember_signature(mac, expires_at),
+    )
 
     @app.middleware("http")
     async def record_latency(request: Request, call_next):
@@ -351,8 +338,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         metrics = getattr(request.app.state, "metrics", None)
+        method = request.method if request.method in KNOWN_METHODS else "other"  # bounded label values
         if metrics is not None:
-            metrics.request_latency.labels(request.method, path, str(response.status_code)).observe(
+            metrics.request_latency.labels(method, path, str(response.status_code)).observe(
                 time.perf_counter() - started
             )
         return response

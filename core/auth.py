@@ -1,38 +1,117 @@
-"""Webhook signatures: X-DPO-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>."""
+"""Request signatures: X-DPO-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, string to sign)>.
+
+The string to sign binds a signature to one request (as AWS SigV4 does), so a signature over one
+request never authorises another:
+
+    <t> "\\n" <METHOD> "\\n" <path> "\\n" <canonical query> "\\n" <body bytes>
+
+The canonical query is the query's name=value pairs sorted by name then value, each percent-encoded
+(RFC 3986: unreserved characters kept) and joined with "&"; an empty query is "". Several `v1=`
+values may be sent (one per secret while a secret is rotated); `DPO_WEBHOOK_SECRET` may hold the
+current and the previous secret, comma-separated. Callbacks use another secret and scheme
+(core/callbacks.py), so a callback can never verify as a request.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
+from urllib.parse import parse_qsl, quote
 
 from core import errors
 from core.errors import ServiceError
 
 HEADER = "X-DPO-Signature"
+_DIGITS = re.compile(r"[0-9]{1,12}")
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
-def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
-    """The header value for `body`, signed now (or at `timestamp`)."""
+def canonical_query(query: str | dict | None) -> str:
+    """name=value pairs sorted, percent-encoded, joined by '&' (from a raw query string or a dict)."""
+    if not query:
+        return ""
+    pairs = (
+        parse_qsl(query, keep_blank_values=True)
+        if isinstance(query, str)
+        else [(str(k), str(v)) for k, v in query.items()]
+    )
+    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(pairs))
+
+
+def string_to_sign(t: int, method: str, path: str, query: str | dict | None, body: bytes) -> bytes:
+    return f"{t}\n{method.upper()}\n{path}\n{canonical_query(query)}\n".encode() + body
+
+
+def _mac(secret: str, message: bytes) -> str:
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def sign(
+    secret: str | list[str],
+    method: str,
+    path: str,
+    body: bytes = b"",
+    query: str | dict | None = None,
+    timestamp: int | None = None,
+) -> str:
+    """The header value for one request, signed now (or at `timestamp`); one v1 per secret."""
     t = int(time.time()) if timestamp is None else int(timestamp)
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
+    message = string_to_sign(t, method, path, query, body)
+    secrets = [secret] if isinstance(secret, str) else secret
+    return ",".join([f"t={t}"] + [f"v1={_mac(s, message)}" for s in secrets])
 
 
-def verify(header: str | None, body: bytes, secret: str, tolerance_s: int = 300, now: float | None = None) -> None:
-    """Raise ServiceError(401) unless `header` is a fresh, valid signature of `body`."""
+def parse_header(header: str | None, tolerance_s: int, now: float | None = None) -> tuple[int, list[str]]:
+    """(t, the v1 values) of a well-formed, fresh header, else ServiceError(401). Checked before
+    the body is read, so a request without a usable signature costs nothing."""
     if not header:
         raise ServiceError(401, "unauthorized", errors.MISSING_SIGNATURE)
-    try:
-        parts = dict(item.strip().split("=", 1) for item in header.split(","))
-        t = int(parts["t"])
-        given = parts["v1"]
-        bytes.fromhex(given)
-    except (ValueError, KeyError):
-        raise ServiceError(401, "unauthorized", errors.MALFORMED_SIGNATURE) from None
+    t, given = None, []
+    for item in header.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep:
+            raise ServiceError(401, "unauthorized", errors.MALFORMED_SIGNATURE)
+        if key == "t" and t is None and _DIGITS.fullmatch(value):
+            t = int(value)
+        elif key == "v1" and _HEX64.fullmatch(value):
+            given.append(value.lower())
+        else:
+            raise ServiceError(401, "unauthorized", errors.MALFORMED_SIGNATURE)
+    if t is None or not given or len(given) > 4:
+        raise ServiceError(401, "unauthorized", errors.MALFORMED_SIGNATURE)
     now = time.time() if now is None else now
     if abs(now - t) > tolerance_s:
         raise ServiceError(401, "unauthorized", errors.STALE_SIGNATURE.format(tolerance=tolerance_s))
-    expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, given.lower()):
+    return t, given
+
+
+def check_macs(given: list[str], secrets: list[str], message: bytes) -> str:
+    """The matching v1 value, or ServiceError(401). Every comparison is constant-time."""
+    match = None
+    for secret in secrets:
+        expected = _mac(secret, message)
+        for value in given:
+            if hmac.compare_digest(expected, value):
+                match = value
+    if match is None:
         raise ServiceError(401, "unauthorized", errors.BAD_SIGNATURE)
+    return match
+
+
+def verify(
+    header: str | None,
+    method: str,
+    path: str,
+    query: str | dict | None,
+    body: bytes,
+    secrets: str | list[str],
+    tolerance_s: int = 300,
+    now: float | None = None,
+) -> str:
+    """Raise ServiceError(401) unless `header` is a fresh, valid signature of this request;
+    returns the matching MAC (the replay cache's key)."""
+    t, given = parse_header(header, tolerance_s, now)
+    secrets = [secrets] if isinstance(secrets, str) else secrets
+    return check_macs(given, secrets, string_to_sign(t, method, path, query, body))

@@ -19,9 +19,13 @@ class ServiceError(Exception):
 
 # Fixed messages that tests assert.
 MISSING_SIGNATURE = "missing X-DPO-Signature header"
-MALFORMED_SIGNATURE = "malformed X-DPO-Signature header: expected 't=<unix seconds>,v1=<hex hmac-sha256>'"
+MALFORMED_SIGNATURE = "malformed X-DPO-Signature header: expected 't=<unix seconds>,v1=<hex hmac-sha256>[,v1=...]'"
 STALE_SIGNATURE = "signature timestamp is more than {tolerance} s from the server clock"
-BAD_SIGNATURE = "signature does not match the request body"
+BAD_SIGNATURE = "signature does not match the request (method, path, query and body)"
+REPLAYED_SIGNATURE = (
+    "signature already used: a signed POST is accepted once (retry with a new signature and the same Idempotency-Key)"
+)
 JOB_NOT_FOUND = "job not found"
 JOB_FINISHED = "job already finished with status '{status}'"
 IDEMPOTENCY_CONFLICT = "Idempotency-Key was already used with a different request body"
+CALLBACK_NEEDS_SECRET = "callbackUrl: this server has no DPO_CALLBACK_SECRET to sign callbacks with"

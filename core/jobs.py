@@ -46,6 +46,11 @@ CREATE TABLE IF NOT EXISTS events (
     data   TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 );
+CREATE TABLE IF NOT EXISTS seen_signatures (  -- signed POSTs within the signature tolerance: replays are refused
+    mac        TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seen_signatures_by_expiry ON seen_signatures (expires_at);
 """
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -322,6 +327,15 @@ class JobStore:
             (job_id, after, limit),
         ).fetchall()
         return [{"seq": r["seq"], "ts": r["ts"], "kind": r["kind"], "data": json.loads(r["data"])} for r in rows]
+
+    def remember_signature(self, mac: str, expires_at: float) -> bool:
+        """Record a request signature until it expires; False when it was already recorded (a replay)."""
+        with self._lock:
+            self._db.execute("DELETE FROM seen_signatures WHERE expires_at < ?", (time.time(),))
+            inserted = self._db.execute(
+                "INSERT OR IGNORE INTO seen_signatures (mac, expires_at) VALUES (?, ?)", (mac, expires_at)
+            ).rowcount
+        return inserted == 1
 
     def writable(self) -> bool:
         """For /ready: a write transaction that commits nothing."""

@@ -235,7 +235,7 @@ class Runner:
             self.metrics.job_duration.labels(status).observe(time.time() - started)
             self.metrics.jobs_finished.labels(status).inc()
         if job.get("callback_url"):
-            secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else None
+            secret = self.settings.callback_secret.get_secret_value() if self.settings.callback_secret else None
             send_callback_later(
                 job["callback_url"],
                 job_view(final),

@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DPO_", extra="ignore")
 
     # Auth
-    webhook_secret: SecretStr | None = None  # HMAC key for X-DPO-Signature (and callbacks)
+    webhook_secret: SecretStr | None = None  # HMAC key(s) for X-DPO-Signature: "current" or "current,previous"
     allow_unsigned: bool = False  # only for local experiments; logs a loud warning
     signature_tolerance_s: int = 300  # reject timestamps further than this from the server clock
 
@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     max_concurrent_jobs: int = Field(1, ge=1, le=64)  # one GPU runs one training at a time
     runner_mode: Literal["auto", "inprocess", "subprocess"] = "auto"
     callback_allowed_hosts: Annotated[list[str], NoDecode] = []  # comma-separated in the environment
+    callback_secret: SecretStr | None = None  # Standard Webhooks key for callbacks ("whsec_<base64>" or any string)
     callback_timeout_s: float = 10.0
     callback_retries: int = 4
     checkpoint_every: int = Field(50, ge=0)  # training steps between checkpoints (crash recovery)
@@ -68,6 +69,13 @@ class Settings(BaseSettings):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
         return value
 
+    @field_validator("data_dir", "preferences_dir", "artifacts_dir", "firebase_credentials")
+    @classmethod
+    def _absolute(cls, value):
+        """Resolved against the working directory the server starts in, once: a training
+        subprocess (started elsewhere) and a later chdir see the same places."""
+        return None if value is None else value.expanduser().resolve()
+
     @field_validator("allowed_models", mode="before")
     @classmethod
     def _split_models(cls, value):
@@ -88,6 +96,13 @@ class Settings(BaseSettings):
         if value not in available("loss"):
             raise ValueError(f"expected one of {available('loss')}")
         return value
+
+    @property
+    def webhook_secrets(self) -> list[str] | None:
+        """The request-signing secrets (current first), or None when unsigned requests are allowed."""
+        if self.webhook_secret is None:
+            return None
+        return [s.strip() for s in self.webhook_secret.get_secret_value().split(",") if s.strip()]
 
     @property
     def job_db_path(self) -> Path:

@@ -42,10 +42,9 @@ def signed_call(case, server) -> httpx.Response:
     else:
         body = kwargs.get("data") or b""
         body = body.encode() if isinstance(body, str) else body
-    headers[HEADER] = sign(server.secret, body)
-    return httpx.request(
-        kwargs["method"], kwargs["url"], params=kwargs.get("params"), content=body, headers=headers, timeout=30
-    )
+    url = httpx.URL(kwargs["url"], params=kwargs.get("params"))
+    headers[HEADER] = sign(server.secret, kwargs["method"], url.path, body, url.query.decode())
+    return httpx.request(kwargs["method"], url, content=body, headers=headers, timeout=30)
 
 
 def test_fuzz_every_operation(fuzz_server):

@@ -52,7 +52,7 @@ def test_body_over_the_limit_is_413_declared_or_streamed(server):
     body = json.dumps(
         {"communityId": "big", "dataset": [{"prompt": "p" * 1000, "chosen": "a", "rejected": "b"}] * 250}
     ).encode()
-    headers = {HEADER: sign(server.secret, body), "Content-Type": "application/json"}
+    headers = {HEADER: sign(server.secret, "POST", "/trigger-finetune", body), "Content-Type": "application/json"}
     declared = httpx.post(server.url + "/trigger-finetune", content=body, headers=headers)
     assert declared.status_code == 413 and declared.json()["error"]["code"] == "payload_too_large"
 
@@ -185,7 +185,11 @@ def test_the_secret_never_appears_in_logs_or_responses(tmp_path, toy):
         bodies.append(client.get(f"/jobs/{job_id}").text)
         bodies.append(client.get(f"/jobs/{job_id}/events").text)
         bodies.append(
-            httpx.post(srv.url + "/trigger-finetune", content=b"{}", headers={HEADER: sign("wrong", b"{}")}).text
+            httpx.post(
+                srv.url + "/trigger-finetune",
+                content=b"{}",
+                headers={HEADER: sign("wrong", "POST", "/trigger-finetune", b"{}")},
+            ).text
         )
         bodies.append(
             httpx.post(srv.url + "/trigger-finetune", content=b"{}", headers={HEADER: "t=1,v1=" + secret}).text
@@ -229,7 +233,7 @@ def test_non_utf8_body_is_a_clear_400(server):
     response = httpx.post(
         server.url + "/trigger-finetune",
         content=body,
-        headers={HEADER: sign(server.secret, body), "Content-Type": "application/json"},
+        headers={HEADER: sign(server.secret, "POST", "/trigger-finetune", body), "Content-Type": "application/json"},
     )
     assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
     assert "parsing the body" in response.json()["error"]["message"]

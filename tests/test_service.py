@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from core.auth import HEADER, sign, verify
+from core.callbacks import sign_webhook
+from core.errors import BAD_SIGNATURE, CALLBACK_NEEDS_SECRET, REPLAYED_SIGNATURE, ServiceError
 from core.runner import HELDOUT_REGRESSED
 from tests.service_helpers import FAST, wait_for
 from tools.serve import Server
@@ -139,19 +141,47 @@ def _raw_post(server, body: bytes, signature: str | None):
     return httpx.post(server.url + "/trigger-finetune", content=body, headers=headers)
 
 
+PATH = "/trigger-finetune"
+
+
 @pytest.mark.parametrize(
     "make_signature, message",
     [
         (lambda secret, body: None, "missing X-DPO-Signature header"),
         (lambda secret, body: "v1=abc", "malformed X-DPO-Signature header"),
         (lambda secret, body: "t=now,v1=zz", "malformed X-DPO-Signature header"),
-        (lambda secret, body: sign("wrong-secret", body), "signature does not match the request body"),
-        (lambda secret, body: sign(secret, body.replace(b"sig", b"SIG")), "signature does not match the request body"),
-        (lambda secret, body: sign(secret, body, int(time.time()) - 301), "signature timestamp is more than 300 s"),
+        (
+            lambda secret, body: sign(secret, "POST", PATH, body).replace("t=", "t=+"),
+            "malformed X-DPO-Signature header",
+        ),
+        (lambda secret, body: sign("wrong-secret", "POST", PATH, body), BAD_SIGNATURE),
+        (lambda secret, body: sign(secret, "POST", PATH, body.replace(b"sig", b"SIG")), BAD_SIGNATURE),
+        (lambda secret, body: sign(secret, "GET", PATH, body), BAD_SIGNATURE),  # another method
+        (lambda secret, body: sign(secret, "POST", "/jobs", body), BAD_SIGNATURE),  # another path
+        (lambda secret, body: sign(secret, "POST", PATH, body, query="wait=true"), BAD_SIGNATURE),  # another query
+        (
+            lambda secret, body: sign(secret, "POST", PATH, body, timestamp=int(time.time()) - 301),
+            "signature timestamp is more than 300 s",
+        ),
         # well past the limit: a slow request must not bring a 301 s lead back under it
-        (lambda secret, body: sign(secret, body, int(time.time()) + 330), "signature timestamp is more than 300 s"),
+        (
+            lambda secret, body: sign(secret, "POST", PATH, body, timestamp=int(time.time()) + 330),
+            "signature timestamp is more than 300 s",
+        ),
     ],
-    ids=["missing", "malformed", "bad-timestamp", "wrong-secret", "tampered", "too-old", "future"],
+    ids=[
+        "missing",
+        "malformed",
+        "bad-timestamp",
+        "signed-t",
+        "wrong-secret",
+        "tampered",
+        "method",
+        "path",
+        "query",
+        "too-old",
+        "future",
+    ],
 )
 def test_bad_signatures_are_401(server, client, make_signature, message):
     before = count_jobs(client)
@@ -162,6 +192,52 @@ def test_bad_signatures_are_401(server, client, make_signature, message):
     assert count_jobs(client) == before
 
 
+def test_a_signature_authorises_only_its_own_request(server, client, toy):
+    """A GET's signature (empty body) must not cancel a job or list another community's jobs."""
+    job_id = client.trigger("own-request", toy(8), FAST).json()["job_id"]
+    get_signature = sign(server.secret, "GET", f"/jobs/{job_id}")
+    assert httpx.get(f"{server.url}/jobs/{job_id}", headers={HEADER: get_signature}).status_code == 200
+    cancel = httpx.post(f"{server.url}/jobs/{job_id}/cancel", headers={HEADER: get_signature})
+    assert cancel.status_code == 401 and cancel.json()["error"]["message"] == BAD_SIGNATURE
+    listing = sign(server.secret, "GET", "/jobs", query="communityId=own-request")
+    assert (
+        httpx.get(f"{server.url}/jobs", params={"communityId": "own-request"}, headers={HEADER: listing}).status_code
+        == 200
+    )
+    other = httpx.get(f"{server.url}/jobs", params={"communityId": "someone-else"}, headers={HEADER: listing})
+    assert other.status_code == 401
+    wait_for(client, job_id)
+
+
+def test_a_replayed_post_is_refused(server, client, toy):
+    body = json.dumps({"communityId": "replayed", "dataset": toy(8), "config": FAST}).encode()
+    signature = sign(server.secret, "POST", PATH, body)
+    first = _raw_post(server, body, signature)
+    assert first.status_code == 202, first.text
+    again = _raw_post(server, body, signature)
+    assert again.status_code == 401 and again.json()["error"]["message"] == REPLAYED_SIGNATURE
+    wait_for(client, first.json()["job_id"])
+
+
+def test_rotated_secrets_both_verify(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rotation")
+    with Server(root, secret="new-secret,old-secret") as srv:
+        for secret in ("new-secret", "old-secret"):
+            assert Client(srv.url, secret).get("/jobs").status_code == 200
+        both = sign(["new-secret", "old-secret"], "GET", "/jobs")
+        assert httpx.get(srv.url + "/jobs", headers={HEADER: both}).status_code == 200
+        assert Client(srv.url, "retired-secret").get("/jobs").status_code == 401
+
+
+def test_unsigned_bodies_are_refused_before_they_are_parsed(server):
+    """Not a 422 about the JSON: the gate answers before any parser sees the bytes."""
+    for headers in ({}, {HEADER: sign("wrong", "POST", PATH, b"{not json")}):
+        response = httpx.post(
+            server.url + PATH, content=b"{not json", headers={"Content-Type": "application/json", **headers}
+        )
+        assert response.status_code == 401, response.text
+
+
 def test_reads_need_a_signature_too_but_probes_do_not(server):
     assert httpx.get(server.url + "/jobs").status_code == 401
     assert httpx.get(server.url + "/health").status_code == 200
@@ -169,11 +245,17 @@ def test_reads_need_a_signature_too_but_probes_do_not(server):
     assert httpx.get(server.url + "/metrics").status_code == 200
 
 
-def test_verify_uses_the_body_bytes_exactly():
-    header = sign("k", b'{"a": 1}', 1000)
-    verify(header, b'{"a": 1}', "k", now=1000)
-    with pytest.raises(Exception, match="does not match"):
-        verify(header, b'{"a":1}', "k", now=1000)
+def test_verify_binds_method_path_query_and_body_exactly():
+    header = sign("k", "POST", "/jobs/x/cancel", b'{"a": 1}', query={"b": "2", "a": "1"}, timestamp=1000)
+    verify(header, "POST", "/jobs/x/cancel", "a=1&b=2", b'{"a": 1}', "k", now=1000)  # query order does not matter
+    for method, path, query, body in (
+        ("POST", "/jobs/x/cancel", "a=1&b=2", b'{"a":1}'),
+        ("GET", "/jobs/x/cancel", "a=1&b=2", b'{"a": 1}'),
+        ("POST", "/jobs/y/cancel", "a=1&b=2", b'{"a": 1}'),
+        ("POST", "/jobs/x/cancel", "a=1&b=3", b'{"a": 1}'),
+    ):
+        with pytest.raises(ServiceError, match="does not match"):
+            verify(header, method, path, query, body, "k", now=1000)
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -219,6 +301,17 @@ def test_verify_uses_the_body_bytes_exactly():
             {"communityId": "c", "callbackUrl": "http://evil.example/hook"},
             "callbackUrl",
             "not in DPO_CALLBACK_ALLOWED_HOSTS",
+        ),
+        ({"communityId": "c", "callbackUrl": "http://[::1"}, "callbackUrl", "callbackUrl: not a valid URL"),
+        (
+            {"communityId": "c", "callbackUrl": "http://127.0.0.1:99999/x"},
+            "callbackUrl",
+            "callbackUrl: not a valid URL",
+        ),
+        (
+            {"communityId": "c", "callbackUrl": "http://127.0.0.1/a\tb"},
+            "callbackUrl",
+            "callbackUrl: expected an http(s) URL without spaces or control characters",
         ),
     ],
 )
@@ -312,7 +405,7 @@ def test_callback_is_signed_and_carries_the_final_record(server, client, toy):
     class Hook(BaseHTTPRequestHandler):
         def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((self.headers.get(HEADER), body))
+            received.append((dict(self.headers), body))
             self.send_response(204)
             self.end_headers()
 
@@ -331,12 +424,29 @@ def test_callback_is_signed_and_carries_the_final_record(server, client, toy):
         deadline = time.time() + 30
         while not received and time.time() < deadline:
             time.sleep(0.1)
-        signature, body = received[0]
-        verify(signature, body, server.secret)
+        headers, body = received[0]
+        assert headers["webhook-id"] == f"msg_{job_id}"
+        assert headers["webhook-signature"] == sign_webhook(
+            server.callback_secret, headers["webhook-id"], int(headers["webhook-timestamp"]), body
+        )
+        assert HEADER not in headers  # a callback can never pass as a request to the service
         record = json.loads(body)
         assert record["job_id"] == job_id and record["status"] == "succeeded" and record["artifact"]["uri"]
     finally:
         hook.shutdown()
+
+
+def test_a_callback_url_needs_a_callback_secret(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("no-callback-secret"), env={"DPO_CALLBACK_ALLOWED_HOSTS": "127.0.0.1"})
+    del srv.env["DPO_CALLBACK_SECRET"]
+    with srv:
+        payload = {"communityId": "c", "dataset": toy_pair(), "callbackUrl": "http://127.0.0.1:9/x"}
+        response = Client(srv.url, srv.secret).post("/trigger-finetune", payload)
+        assert response.status_code == 422 and response.json()["error"]["message"] == CALLBACK_NEEDS_SECRET
+
+
+def toy_pair() -> list[dict]:
+    return [{"prompt": "p", "chosen": "a", "rejected": "b"}]
 
 
 # -- process lifecycle --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ with Server(env={...}) as server:
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import signal
@@ -32,6 +33,7 @@ class Server:
     def __init__(self, root: Path, env: dict | None = None, secret: str | None = None, log_path: Path | None = None):
         self.root = Path(root)
         self.secret = secret or secrets.token_hex(32)
+        self.callback_secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or self.root / "server.log"
@@ -41,6 +43,7 @@ class Server:
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "DPO_WEBHOOK_SECRET": self.secret,
+            "DPO_CALLBACK_SECRET": self.callback_secret,
             "DPO_DATA_DIR": str(self.root / "data"),
             "DPO_PREFERENCES_DIR": str(self.root / "preferences"),
             "DPO_ARTIFACTS_DIR": str(self.root / "artifacts"),

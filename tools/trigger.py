@@ -30,18 +30,22 @@ class Client:
         self.url, self.secret = url.rstrip("/"), secret
         self.http = httpx.Client(timeout=timeout)
 
-    def _headers(self, body: bytes, extra: dict | None = None) -> dict:
-        headers = {"Content-Type": "application/json", **(extra or {})}
+    def request(
+        self, method: str, path: str, body: bytes = b"", params: dict | None = None, headers: dict | None = None
+    ):
+        """One signed request: the signature covers the method, the path, the query and the body."""
+        url = httpx.URL(self.url + path, params=params)
+        headers = {"Content-Type": "application/json", **(headers or {})}
         if self.secret:
-            headers[HEADER] = sign(self.secret, body)
-        return headers
+            headers[HEADER] = sign(self.secret, method, url.path, body, url.query.decode())
+        return self.http.request(method, url, content=body, headers=headers)
 
     def post(self, path: str, payload: dict | None = None, headers: dict | None = None, params: dict | None = None):
         body = b"" if payload is None else json.dumps(payload).encode()
-        return self.http.post(self.url + path, content=body, headers=self._headers(body, headers), params=params)
+        return self.request("POST", path, body, params, headers)
 
     def get(self, path: str, params: dict | None = None):
-        return self.http.get(self.url + path, headers=self._headers(b""), params=params)
+        return self.request("GET", path, params=params)
 
     def trigger(self, community: str, dataset: list | None = None, config: dict | None = None, **kwargs):
         payload = {"communityId": community}

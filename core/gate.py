@@ -1,0 +1,112 @@
+"""The gate in front of every route: the body-size limit and the request signature, checked on the
+raw bytes before any route, JSON parser or validator sees the request.
+
+- A declared Content-Length over the limit: 413 before the body is read.
+- A missing, malformed or stale signature header: 401 before the body is read.
+- The body is read (413 once past the limit), the signature checked over method, path, query and
+  body (the HMAC of a large body runs off the event loop), then a POST's signature is remembered
+  for the tolerance window: the same request sent again is a 401 (replay).
+Only then does the request reach the app, which reads the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+
+from core import errors
+from core.auth import HEADER, check_macs, parse_header, string_to_sign
+from core.errors import ServiceError
+
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+VERIFIED = "dpo.verified"  # scope key the gate sets on a request whose signature it checked
+OFF_LOOP_BYTES = 256 * 1024  # bodies larger than this are hashed in a worker thread
+_GONE = object()  # the client disconnected while sending its body
+
+
+class Gate:
+    def __init__(
+        self,
+        app,
+        secrets: list[str] | None,
+        max_body_bytes: int,
+        tolerance_s: int,
+        remember: Callable[[str, float], bool] | None = None,
+    ):
+        """`secrets`: None only with DPO_ALLOW_UNSIGNED=1. `remember(mac, expires_at)`: False
+        when the MAC was seen before (a replay)."""
+        self.app, self.secrets, self.limit, self.tolerance = app, secrets, max_body_bytes, tolerance_s
+        self.remember = remember
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            body = await self._admit(scope, receive)
+        except ServiceError as err:
+            return await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+        if body is _GONE:
+            return
+        await self.app(scope, receive if body is None else _replay(body, receive), send)
+
+    async def _admit(self, scope, receive):
+        """None for a public path (passed through untouched), the body once it may go on, or
+        ServiceError (413, 401)."""
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            raise self._too_large()
+        if scope["path"] in PUBLIC_PATHS:
+            return None
+        signature = None
+        if self.secrets is not None:
+            signature = parse_header(headers.get(HEADER), self.tolerance)  # 401 before reading anything
+        body = await self._read_body(receive)
+        if body is _GONE or signature is None:
+            return body
+        t, given = signature
+        query = scope.get("query_string", b"").decode("latin-1")
+        message = string_to_sign(t, scope["method"], scope["path"], query, body)
+        if len(body) > OFF_LOOP_BYTES:
+            mac = await asyncio.to_thread(check_macs, given, self.secrets, message)
+        else:
+            mac = check_macs(given, self.secrets, message)
+        if scope["method"] not in ("GET", "HEAD") and self.remember is not None:
+            if not await asyncio.to_thread(self.remember, mac, t + self.tolerance):
+                raise ServiceError(401, "unauthorized", errors.REPLAYED_SIGNATURE)
+        scope[VERIFIED] = True
+        return body
+
+    async def _read_body(self, receive):
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return _GONE
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self) -> ServiceError:
+        return ServiceError(413, "payload_too_large", f"request body larger than {self.limit} bytes")
+
+
+def _replay(body: bytes, receive):
+    """A receive() that hands the app the body already read, then defers to the real one."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
