@@ -74,6 +74,15 @@ def _job_or_404(store: JobStore, job_id: str) -> dict:
     return job
 
 
+def worker_check(runner: Runner) -> str:
+    if not runner.alive():
+        return "not running"
+    stuck = runner.stuck_jobs()
+    if stuck:
+        return f"trainer of job {stuck[0]} silent for over DPO_JOB_STALL_S; it is being stopped"
+    return "ok"
+
+
 # -- routes -----------------------------------------------------------------------------------
 router = APIRouter()
 
@@ -89,7 +98,7 @@ def ready(request: Request):
     state = _state(request)
     checks = {
         "job_store": "ok" if state.store.writable() else "not writable",
-        "worker": "ok" if state.runner.alive() else "not running",
+        "worker": worker_check(state.runner),
         "preference_source": state.source.check() or "ok",
         "artifact_store": state.artifacts.check() or "ok",
     }

@@ -8,9 +8,11 @@ lines. Bad data is never retried. Each job has its own working directory, remove
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -30,6 +32,7 @@ from training.config import REPO_ROOT, compose_config
 from training.records import RecordError, normalise_records
 
 log = logging.getLogger(__name__)
+STARTUP_ALLOWANCE_S = 120  # a trainer subprocess's first line may take this long (imports, model load)
 HELDOUT_REGRESSED = (
     "held-out metrics got worse during training (higher loss or lower reward margin than the initial"
     " model): the data may be inconsistent, or the learning rate too high; final_eval has eval/regressed"
@@ -46,6 +49,13 @@ class SubprocessDataError(Exception):
 
 class InProcessUnavailable(Exception):
     """The in-process trainer cannot run here; the subprocess path should take the job."""
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the trainer's process group (started with start_new_session), if still there."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
 
 
 def load_inprocess_trainer():
@@ -70,9 +80,10 @@ class Runner:
         self.mode = settings.runner_mode  # auto | inprocess | subprocess
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._stop_requests: dict[str, str] = {}  # job id -> "cancel" | "shutdown" | "timeout"
+        self._stop_requests: dict[str, str] = {}  # job id -> "cancel" | "shutdown" | "timeout" | "stalled"
         self._procs: dict[str, subprocess.Popen] = {}
         self._started: dict[str, float] = {}  # job id -> monotonic start, for the wall-clock timeout
+        self._heard: dict[str, float] = {}  # job id -> monotonic time of the trainer subprocess's last line
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -129,12 +140,15 @@ class Runner:
         with self._lock:
             for job_id in self._started:  # the jobs this runner is running (a cancel already asked keeps its reason)
                 self._stop_requests.setdefault(job_id, "shutdown")
-            for proc in self._procs.values():
-                proc.terminate()
+            procs = list(self._procs.values())
+        for proc in procs:
+            signal_group(proc, signal.SIGTERM)  # the trainer checkpoints at its next step boundary
         self._wake.set()
         deadline = time.time() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.time()))
+        for proc in procs:  # never leave a trainer behind
+            signal_group(proc, signal.SIGKILL)
 
     @property
     def stopping(self) -> bool:
@@ -153,21 +167,26 @@ class Runner:
         with self._lock:
             self._stop_requests[job_id] = "cancel"
             proc = self._procs.get(job_id)
-            if proc is not None:
-                proc.terminate()
+        if proc is not None:
+            signal_group(proc, signal.SIGTERM)
         self.store.add_event(job_id, "cancel_requested", {})
         return self.store.get(job_id)
 
     def _should_stop(self, job_id: str) -> bool:
-        """Checked at every step boundary: a cancel, a shutdown, or the job's time limit."""
+        """Checked at every step boundary (and by the subprocess watcher): a cancel, a shutdown,
+        the job's time limit. Takes the lock itself: never call it holding the lock."""
         started = self._started.get(job_id)
         if started is not None and time.monotonic() - started > self.settings.job_timeout_s:
             with self._lock:
                 self._stop_requests.setdefault(job_id, "timeout")
-                proc = self._procs.get(job_id)
-                if proc is not None and proc.poll() is None:
-                    proc.terminate()
         return job_id in self._stop_requests
+
+    def stuck_jobs(self) -> list[str]:
+        """Subprocess jobs whose trainer has been silent longer than DPO_JOB_STALL_S (the
+        watcher is stopping them; /ready reports them meanwhile)."""
+        now, limit = time.monotonic(), self.settings.job_stall_s
+        with self._lock:
+            return sorted(job_id for job_id, heard in self._heard.items() if now - heard > limit)
 
     # -- the worker ----------------------------------------------------------------------
     def _worker(self) -> None:
@@ -204,6 +223,13 @@ class Runner:
                     "error_type": "timeout",
                     "error_message": f"ran longer than DPO_JOB_TIMEOUT_S ({limit:g} s); training stopped",
                 }
+            elif reason == "stalled":
+                limit = self.settings.job_stall_s
+                outcome = {
+                    "status": "failed",
+                    "error_type": "stalled",
+                    "error_message": f"the trainer printed nothing for DPO_JOB_STALL_S ({limit:g} s); it was stopped",
+                }
             else:  # shutdown: back to the queue; the checkpoint just written lets the next start resume it
                 outcome = {"status": "queued"}
         except SourceError as err:
@@ -225,6 +251,7 @@ class Runner:
                 self._stop_requests.pop(job_id, None)
                 self._procs.pop(job_id, None)
                 self._started.pop(job_id, None)
+                self._heard.pop(job_id, None)
         status = outcome.pop("status")
         if status == "queued":
             self.store.requeue(job_id, "stopped by a server shutdown; resumes from its checkpoint on the next start")
@@ -328,6 +355,41 @@ class Runner:
             "final_train": result.metrics.get("final_train", {}),
         }
 
+    def _watch(self, job_id: str, proc: subprocess.Popen):
+        """The trainer's output lines, while enforcing from the outside what a stuck trainer cannot
+        enforce itself: on a cancel, shutdown, time limit, or silence longer than DPO_JOB_STALL_S
+        (the trainer prints at least every few seconds), SIGTERM to its process group (it
+        checkpoints at its next step boundary), then SIGKILL after DPO_STOP_GRACE_S."""
+        lines: queue.Queue = queue.Queue()
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True, name=f"trainer-output-{job_id[:8]}").start()
+        terminated_at = None
+        while True:
+            try:
+                line = lines.get(timeout=0.25)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                return
+            now = time.monotonic()
+            if line:
+                with self._lock:
+                    self._heard[job_id] = now
+                yield line
+            with self._lock:
+                if now - self._heard.get(job_id, now) > self.settings.job_stall_s:
+                    self._stop_requests.setdefault(job_id, "stalled")
+            if terminated_at is None and self._should_stop(job_id):
+                signal_group(proc, signal.SIGTERM)
+                terminated_at = now
+            elif terminated_at is not None and now - terminated_at > self.settings.stop_grace_s:
+                signal_group(proc, signal.SIGKILL)
+
     def _train_subprocess(self, cfg, records, work: Path, out_dir: Path, progress, job_id) -> dict:
         data_path = work / "dataset.jsonl"
         with open(data_path, "w", encoding="utf-8") as fh:
@@ -340,24 +402,34 @@ class Runner:
         job_cfg["defaults"] = [{"override hydra/job_logging": "stdout"}, "_self_"]
         job_cfg["hydra"] = {"output_subdir": None, "run": {"dir": str(work)}, "job": {"chdir": False}}
         (work / "job.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job_cfg)))
-        command = [sys.executable, "-m", "training", "--config-path", str(work), "--config-name", "job"]
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "training", "--config-path", str(work.resolve()), "--config-name", "job"]
+        # The trainer gets no DPO_* variable (no webhook or callback secret), runs in its own
+        # process group (a stop reaches anything it started) and is watched from here.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
+        beat = max(0.5, min(5.0, self.settings.job_stall_s / 4))  # several beats fit in the stall limit
+        env.update(PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", DPO_TRAINER_HEARTBEAT_S=str(beat))
         proc = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         with self._lock:
             self._procs[job_id] = proc
-            if self._should_stop(job_id):
-                proc.terminate()
+            # until its first line (imports, model load) the trainer gets STARTUP_ALLOWANCE_S
+            self._heard[job_id] = time.monotonic() + max(0.0, STARTUP_ALLOWANCE_S - self.settings.job_stall_s)
         result, error, tail = None, None, []
-        for line in proc.stdout:
+        for line in self._watch(job_id, proc):
             if line.startswith("@progress "):
                 progress(json.loads(line[len("@progress ") :]))
             elif line.startswith("@result "):
                 result = json.loads(line[len("@result ") :])
             elif line.startswith("@error "):
                 error = json.loads(line[len("@error ") :])
-            else:
+            elif not line.startswith("@alive"):
                 tail = (tail + [line.rstrip()])[-20:]
         code = proc.wait()
         if self._should_stop(job_id) and code != 0:

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     callback_timeout_s: float = 10.0
     callback_retries: int = 4
     checkpoint_every: int = Field(50, ge=0)  # training steps between checkpoints (crash recovery)
+    job_stall_s: float = Field(300, gt=0)  # a trainer subprocess silent this long is stopped ('stalled')
+    stop_grace_s: float = Field(20, gt=0)  # after SIGTERM, a trainer subprocess gets this long before SIGKILL
     job_timeout_s: float = Field(24 * 3600, gt=0)  # a job running longer fails with 'timeout'
 
     # Models. The default is the model a trigger without config.model trains: a config/model preset

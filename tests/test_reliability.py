@@ -79,8 +79,10 @@ def test_queue_full_is_429_with_retry_after_and_one_job_per_community(client, to
     wait_for(client, blocker)
 
 
-def test_a_job_over_its_time_limit_fails_with_timeout(tmp_path, toy):
-    with Server(tmp_path, env={"DPO_JOB_TIMEOUT_S": "3"}) as srv:
+@pytest.mark.parametrize("mode", ["inprocess", "subprocess"])
+def test_a_job_over_its_time_limit_fails_with_timeout(tmp_path, toy, mode):
+    """Stopped at the limit in both runner modes, not after all its steps."""
+    with Server(tmp_path, env={"DPO_JOB_TIMEOUT_S": "3", "DPO_RUNNER_MODE": mode}) as srv:
         client = Client(srv.url, srv.secret)
         job = wait_for(client, client.trigger("slow", toy(256), {"epochs": 50}).json()["job_id"], timeout_s=120)
     assert job["status"] == "failed" and job["error"]["type"] == "timeout"

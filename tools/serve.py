@@ -30,7 +30,14 @@ def free_port() -> int:
 class Server:
     """uvicorn webhook_handler:app on 127.0.0.1, local backends under `root`, a generated secret."""
 
-    def __init__(self, root: Path, env: dict | None = None, secret: str | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        root: Path,
+        env: dict | None = None,
+        secret: str | None = None,
+        log_path: Path | None = None,
+        cwd: Path | None = None,
+    ):
         self.root = Path(root)
         self.secret = secret or secrets.token_hex(32)
         self.callback_secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
@@ -49,6 +56,7 @@ class Server:
             "DPO_ARTIFACTS_DIR": str(self.root / "artifacts"),
             **(env or {}),
         }
+        self.cwd = Path(cwd) if cwd is not None else REPO  # where the server starts (relative paths resolve there)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 90) -> Server:
@@ -56,7 +64,7 @@ class Server:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "webhook_handler:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO,
+            cwd=self.cwd,
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

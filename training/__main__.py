@@ -7,9 +7,11 @@ Progress goes to stdout as JSON lines (prefix "@progress ") so a parent process 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
+import time
 
 import hydra
 from omegaconf import DictConfig
@@ -22,6 +24,12 @@ from training.records import RecordError, load_records_file
 
 def _emit(kind: str, payload: dict) -> None:
     print(f"@{kind} " + json.dumps(payload), flush=True)
+
+
+def _heartbeat(interval_s: float) -> None:
+    while True:
+        _emit("alive", {})
+        time.sleep(interval_s)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="cli", version_base="1.3")
@@ -37,6 +45,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     stop = threading.Event()  # SIGTERM: stop at the next step boundary (checkpointing, if configured)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    beat = float(os.environ.get("DPO_TRAINER_HEARTBEAT_S", "0"))
+    if beat > 0:  # the service's watcher takes silence as a stuck trainer (core/runner.py)
+        threading.Thread(target=_heartbeat, args=(beat,), daemon=True, name="heartbeat").start()
     try:
         records = load_records_file(str(resolve_path(cfg.data.path)))
         result = run_training(cfg, records, on_progress=lambda event: _emit("progress", event), should_stop=stop.is_set)
