@@ -62,39 +62,62 @@ def webhook_headers(secret: str | None, msg_id: str, body: bytes, timestamp: int
     return headers
 
 
-def send_callback(url: str, record: dict, secret: str | None, retries: int = 4, timeout_s: float = 10.0) -> bool:
-    body = json.dumps(record).encode()
-    delay = 1.0
-    for attempt in range(1, retries + 1):
-        headers = webhook_headers(secret, f"msg_{record.get('job_id')}", body)  # re-signed each try: fresh timestamp
-        try:
-            response = httpx.post(url, content=body, headers=headers, timeout=timeout_s)
-            if response.status_code < 300:
-                return True
-            log.warning(
-                "callback for job %s: HTTP %s (attempt %d/%d)",
-                record.get("job_id"),
-                response.status_code,
-                attempt,
-                retries,
-            )
-        except httpx.HTTPError as err:
-            log.warning(
-                "callback for job %s failed: %s (attempt %d/%d)",
-                record.get("job_id"),
-                type(err).__name__,
-                attempt,
-                retries,
-            )
-        if attempt < retries:
-            time.sleep(delay)
-            delay *= 2
-    return False
+RETRYABLE = {408, 429}  # besides 5xx and network errors; any other 4xx is final
 
 
-def send_callback_later(url: str, record: dict, secret: str | None, retries: int, timeout_s: float) -> threading.Thread:
-    thread = threading.Thread(
-        target=send_callback, args=(url, record, secret, retries, timeout_s), daemon=True, name="callback"
-    )
-    thread.start()
-    return thread
+def deliver(url: str, msg_id: str, body: bytes, secret: str | None, timeout_s: float) -> tuple[bool, bool, str]:
+    """One attempt: (delivered, worth retrying, what happened)."""
+    try:
+        response = httpx.post(url, content=body, headers=webhook_headers(secret, msg_id, body), timeout=timeout_s)
+    except httpx.HTTPError as err:
+        return False, True, type(err).__name__
+    code = response.status_code
+    return code < 300, code >= 500 or code in RETRYABLE, f"HTTP {code}"
+
+
+class CallbackSender:
+    """Delivers the job store's callback outbox with backoff (1, 2, 4, ... s, at most 5 min apart),
+    `retries` attempts in all; every attempt and the outcome become `callback` events of the job.
+    The outbox lives in the job store, so a restart resumes delivery where it stopped."""
+
+    def __init__(self, store, secret: str | None, retries: int, timeout_s: float):
+        self.store, self.secret, self.retries, self.timeout_s = store, secret, retries, timeout_s
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="callbacks")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for item in self.store.due_callbacks(time.time()):
+                    if self._stop.is_set():
+                        return
+                    self._attempt(item)
+            except Exception:  # the store or a receiver misbehaving must not end delivery
+                log.exception("callback delivery")
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+
+    def _attempt(self, item: dict) -> None:
+        job_id, attempt = item["job_id"], item["attempts"] + 1
+        ok, retry, what = deliver(item["url"], f"msg_{job_id}", item["body"].encode(), self.secret, self.timeout_s)
+        if ok:
+            outcome, state, next_at = "delivered", "delivered", 0.0
+        elif retry and attempt < self.retries:
+            outcome, state, next_at = "retrying", "pending", time.time() + min(300.0, 2.0 ** (attempt - 1))
+        else:
+            outcome, state, next_at = "gave_up", "failed", 0.0
+        self.store.record_callback_attempt(job_id, state, next_at)
+        self.store.add_event(job_id, "callback", {"attempt": attempt, "result": what, "outcome": outcome})
+        if outcome != "retrying":
+            log.log(logging.INFO if ok else logging.WARNING, "callback for job %s: %s (%s)", job_id, outcome, what)

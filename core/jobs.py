@@ -46,6 +46,14 @@ CREATE TABLE IF NOT EXISTS events (
     data   TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 );
+CREATE TABLE IF NOT EXISTS outbox (  -- completion callbacks still to deliver; survives restarts
+    job_id   TEXT PRIMARY KEY,
+    url      TEXT NOT NULL,
+    body     TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at  REAL NOT NULL,
+    state    TEXT NOT NULL DEFAULT 'pending'  -- pending | delivered | failed
+);
 CREATE TABLE IF NOT EXISTS seen_signatures (  -- signed POSTs within the signature tolerance: replays are refused
     mac        TEXT PRIMARY KEY,
     expires_at REAL NOT NULL
@@ -327,6 +335,35 @@ class JobStore:
             (job_id, after, limit),
         ).fetchall()
         return [{"seq": r["seq"], "ts": r["ts"], "kind": r["kind"], "data": json.loads(r["data"])} for r in rows]
+
+    # -- the callback outbox -------------------------------------------------------------
+    def enqueue_callback(self, job_id: str, url: str, body: str) -> None:
+        """Queue a job's completion callback once (a second call for the job changes nothing)."""
+        self._exec(
+            "INSERT OR IGNORE INTO outbox (job_id, url, body, next_at) VALUES (?, ?, ?, ?)", (job_id, url, body, 0.0)
+        )
+
+    def due_callbacks(self, now: float, limit: int = 16) -> list[dict]:
+        rows = self._exec(
+            "SELECT * FROM outbox WHERE state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT ?", (now, limit)
+        )
+        return [dict(row) for row in rows.fetchall()]
+
+    def record_callback_attempt(self, job_id: str, state: str, next_at: float = 0.0) -> None:
+        self._exec(
+            "UPDATE outbox SET attempts = attempts + 1, state = ?, next_at = ? WHERE job_id = ?",
+            (state, next_at, job_id),
+        )
+
+    def finished_without_callback(self) -> list[dict]:
+        """Finished jobs with a callback URL whose callback was never queued (a crash between
+        the two writes): queued again on start."""
+        rows = self._exec(
+            "SELECT j.* FROM jobs j LEFT JOIN outbox o ON o.job_id = j.id WHERE j.callback_url IS NOT NULL"
+            f" AND j.status IN ({', '.join('?' * len(FINAL))}) AND o.job_id IS NULL",
+            FINAL,
+        )
+        return [_row_to_job(row) for row in rows.fetchall()]
 
     def remember_signature(self, mac: str, expires_at: float) -> bool:
         """Record a request signature until it expires; False when it was already recorded (a replay)."""

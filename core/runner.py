@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from core.callbacks import send_callback_later
+from core.callbacks import CallbackSender
 from core.errors import JOB_FINISHED, JOB_NOT_FOUND, ServiceError
 from core.schemas import job_view
 from storage.base import SourceError, StorageError
@@ -86,6 +86,8 @@ class Runner:
         self._heard: dict[str, float] = {}  # job id -> monotonic time of the trainer subprocess's last line
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
+        self.callbacks = CallbackSender(store, secret, settings.callback_retries, settings.callback_timeout_s)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -93,6 +95,9 @@ class Runner:
         for name in os.listdir(self.settings.work_root):  # leftovers of a crash
             shutil.rmtree(self.settings.work_root / name, ignore_errors=True)
         self.recover()
+        for job in self.store.finished_without_callback():  # a crash came between finishing and queueing it
+            self.store.enqueue_callback(job["id"], job["callback_url"], json.dumps(job_view(job)))
+        self.callbacks.start()
         for i in range(self.settings.max_concurrent_jobs):
             thread = threading.Thread(target=self._worker, name=f"dpo-worker-{i}", daemon=True)
             thread.start()
@@ -149,6 +154,7 @@ class Runner:
             thread.join(max(0.0, deadline - time.time()))
         for proc in procs:  # never leave a trainer behind
             signal_group(proc, signal.SIGKILL)
+        self.callbacks.stop()
 
     @property
     def stopping(self) -> bool:
@@ -262,14 +268,8 @@ class Runner:
             self.metrics.job_duration.labels(status).observe(time.time() - started)
             self.metrics.jobs_finished.labels(status).inc()
         if job.get("callback_url"):
-            secret = self.settings.callback_secret.get_secret_value() if self.settings.callback_secret else None
-            send_callback_later(
-                job["callback_url"],
-                job_view(final),
-                secret,
-                self.settings.callback_retries,
-                self.settings.callback_timeout_s,
-            )
+            self.store.enqueue_callback(job_id, job["callback_url"], json.dumps(job_view(final)))
+            self.callbacks.notify()
 
     def _execute(self, job: dict, work: Path) -> dict:
         job_id, community = job["id"], job["community_id"]

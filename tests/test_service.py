@@ -20,7 +20,7 @@ from core.callbacks import sign_webhook
 from core.errors import BAD_SIGNATURE, CALLBACK_NEEDS_SECRET, REPLAYED_SIGNATURE, ServiceError
 from core.runner import HELDOUT_REGRESSED
 from tests.service_helpers import FAST, wait_for
-from tools.serve import Server
+from tools.serve import Server, free_port
 from tools.trigger import Client
 
 
@@ -432,8 +432,91 @@ def test_callback_is_signed_and_carries_the_final_record(server, client, toy):
         assert HEADER not in headers  # a callback can never pass as a request to the service
         record = json.loads(body)
         assert record["job_id"] == job_id and record["status"] == "succeeded" and record["artifact"]["uri"]
+        events = client.get(f"/jobs/{job_id}/events").json()["events"]
+        assert [e["data"] for e in events if e["kind"] == "callback"] == [
+            {"attempt": 1, "result": "HTTP 204", "outcome": "delivered"}
+        ]
     finally:
         hook.shutdown()
+
+
+class Receiver:
+    """A callback receiver on loopback answering `status` (changeable), recording what it gets."""
+
+    def __init__(self, status: int = 204, port: int = 0):
+        received, self.status = [], status
+        outer = self
+
+        class Hook(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(outer.status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.received = received
+        self.http = HTTPServer(("127.0.0.1", port), Hook)
+        self.url = f"http://127.0.0.1:{self.http.server_port}/done"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def callback_events(client, job_id, want: int, timeout_s: float = 30) -> list[dict]:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        found = [e["data"] for e in client.get(f"/jobs/{job_id}/events").json()["events"] if e["kind"] == "callback"]
+        if len(found) >= want:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {want} callback events for job {job_id}: {found}")
+
+
+def test_a_callback_answered_with_a_4xx_is_not_retried(server, client, toy):
+    receiver = Receiver(status=400)
+    try:
+        payload = {"communityId": "cb-400", "dataset": toy(8), "config": FAST, "callbackUrl": receiver.url}
+        job_id = client.post("/trigger-finetune", payload).json()["job_id"]
+        wait_for(client, job_id)
+        assert callback_events(client, job_id, 1) == [{"attempt": 1, "result": "HTTP 400", "outcome": "gave_up"}]
+        time.sleep(2)
+        assert len(receiver.received) == 1
+    finally:
+        receiver.close()
+
+
+def test_callbacks_survive_a_restart(tmp_path, toy):
+    """The receiver is down when the job ends; the server restarts; the callback still arrives."""
+    env = {"DPO_CALLBACK_ALLOWED_HOSTS": "127.0.0.1", "DPO_CALLBACK_RETRIES": "20"}
+    port = free_port()
+    srv = Server(tmp_path, env=env)
+    with srv:
+        client = Client(srv.url, srv.secret)
+        payload = {
+            "communityId": "cb-later",
+            "dataset": toy(8),
+            "config": FAST,
+            "callbackUrl": f"http://127.0.0.1:{port}/done",
+        }
+        job_id = client.post("/trigger-finetune", payload).json()["job_id"]
+        wait_for(client, job_id)
+        first = callback_events(client, job_id, 1)[0]
+        assert first["outcome"] == "retrying" and first["result"] == "ConnectError"
+    receiver = Receiver(port=port)
+    try:
+        again = Server(tmp_path, env=env, secret=srv.secret)
+        again.callback_secret = srv.callback_secret
+        again.env["DPO_CALLBACK_SECRET"] = srv.callback_secret
+        with again:
+            events = callback_events(Client(again.url, again.secret), job_id, 2, timeout_s=60)
+            delivered = [e for e in events if e["outcome"] == "delivered"]
+            assert delivered and json.loads(receiver.received[-1])["job_id"] == job_id
+    finally:
+        receiver.close()
 
 
 def test_a_callback_url_needs_a_callback_secret(tmp_path_factory):
