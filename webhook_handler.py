@@ -125,7 +125,7 @@ async def trigger_finetune(
     body: Signed,
     payload: TriggerRequest,
     wait: Annotated[bool, Query(description="answer when the job ends, in the old synchronous shape")] = False,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=256)] = None,
 ):
     state = _state(request)
     if state.runner.stopping:
@@ -155,7 +155,7 @@ async def trigger_finetune(
         "source_options": {"since": payload.since.isoformat() if payload.since else None, "limit": payload.limit},
     }
     try:
-        job, _ = await asyncio.to_thread(
+        job, created = await asyncio.to_thread(
             state.store.create,
             payload.communityId,
             config,
@@ -167,6 +167,7 @@ async def trigger_finetune(
             body_sha256=hashlib.sha256(body).hexdigest(),
             max_queued=settings.max_queued_jobs,
             one_per_community=settings.one_job_per_community,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
         )
     except IdempotencyConflict as err:
         raise ServiceError(409, "idempotency_conflict", f"{IDEMPOTENCY_CONFLICT} (job {err.job_id})") from None
@@ -187,7 +188,13 @@ async def trigger_finetune(
     state.runner.notify()
     job_id = job["id"]
     if not wait:
-        return {"status": "queued", "job_id": job_id, "status_url": str(request.url_for("get_job", job_id=job_id))}
+        answer = {
+            "status": job["status"],
+            "job_id": job_id,
+            "status_url": str(request.url_for("get_job", job_id=job_id)),
+        }
+        # a repeated request (same Idempotency-Key and body) answers the job as it is now, with 200
+        return answer if created else JSONResponse(answer, status_code=200)
     while True:  # poll without blocking the event loop
         job = state.store.get(job_id)
         if job["status"] in FINAL_STATES or state.runner.stopping:

@@ -87,17 +87,29 @@ def parse_header(header: str | None, tolerance_s: int, now: float | None = None)
     return t, given
 
 
-def check_macs(given: list[str], secrets: list[str], message: bytes) -> str:
-    """The matching v1 value, or ServiceError(401). Every comparison is constant-time."""
-    match = None
-    for secret in secrets:
-        expected = _mac(secret, message)
-        for value in given:
-            if hmac.compare_digest(expected, value):
-                match = value
-    if match is None:
-        raise ServiceError(401, "unauthorized", errors.BAD_SIGNATURE)
-    return match
+class Macs:
+    """The HMACs of one request under each secret, fed as the body arrives (no copy of a large
+    body is hashed in one go on the event loop; hashlib releases the GIL on large chunks)."""
+
+    def __init__(self, secrets: list[str], t: int, method: str, path: str, query: str | dict | None):
+        prefix = string_to_sign(t, method, path, query, b"")
+        self._macs = [hmac.new(secret.encode(), prefix, hashlib.sha256) for secret in secrets]
+
+    def update(self, chunk: bytes) -> None:
+        for mac in self._macs:
+            mac.update(chunk)
+
+    def check(self, given: list[str]) -> str:
+        """The matching v1 value, or ServiceError(401). Every comparison is constant-time."""
+        match = None
+        for mac in self._macs:
+            expected = mac.hexdigest()
+            for value in given:
+                if hmac.compare_digest(expected, value):
+                    match = value
+        if match is None:
+            raise ServiceError(401, "unauthorized", errors.BAD_SIGNATURE)
+        return match
 
 
 def verify(
@@ -113,5 +125,6 @@ def verify(
     """Raise ServiceError(401) unless `header` is a fresh, valid signature of this request;
     returns the matching MAC (the replay cache's key)."""
     t, given = parse_header(header, tolerance_s, now)
-    secrets = [secrets] if isinstance(secrets, str) else secrets
-    return check_macs(given, secrets, string_to_sign(t, method, path, query, body))
+    macs = Macs([secrets] if isinstance(secrets, str) else secrets, t, method, path, query)
+    macs.update(body)
+    return macs.check(given)

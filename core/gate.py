@@ -3,9 +3,9 @@ raw bytes before any route, JSON parser or validator sees the request.
 
 - A declared Content-Length over the limit: 413 before the body is read.
 - A missing, malformed or stale signature header: 401 before the body is read.
-- The body is read (413 once past the limit), the signature checked over method, path, query and
-  body (the HMAC of a large body runs off the event loop), then a POST's signature is remembered
-  for the tolerance window: the same request sent again is a 401 (replay).
+- The body is read (413 once past the limit) and fed to the HMAC chunk by chunk as it arrives;
+  the signature covers method, path, query and body. A trigger without an Idempotency-Key is then
+  remembered for the tolerance window: the same request sent again is a 401 (replay).
 Only then does the request reach the app, which reads the same bytes.
 """
 
@@ -18,12 +18,12 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 from core import errors
-from core.auth import HEADER, check_macs, parse_header, string_to_sign
+from core.auth import HEADER, Macs, parse_header
 from core.errors import ServiceError
 
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+ACCEPTED_ONCE = frozenset({"/trigger-finetune"})
 VERIFIED = "dpo.verified"  # scope key the gate sets on a request whose signature it checked
-OFF_LOOP_BYTES = 256 * 1024  # bodies larger than this are hashed in a worker thread
 _GONE = object()  # the client disconnected while sending its body
 
 
@@ -61,26 +61,27 @@ class Gate:
             raise self._too_large()
         if scope["path"] in PUBLIC_PATHS:
             return None
-        signature = None
+        given, macs = None, None
         if self.secrets is not None:
-            signature = parse_header(headers.get(HEADER), self.tolerance)  # 401 before reading anything
-        body = await self._read_body(receive)
-        if body is _GONE or signature is None:
+            t, given = parse_header(headers.get(HEADER), self.tolerance)  # 401 before reading anything
+            query = scope.get("query_string", b"").decode("latin-1")
+            macs = Macs(self.secrets, t, scope["method"], scope["path"], query)
+        body = await self._read_body(receive, macs)
+        if body is _GONE or macs is None:
             return body
-        t, given = signature
-        query = scope.get("query_string", b"").decode("latin-1")
-        message = string_to_sign(t, scope["method"], scope["path"], query, body)
-        if len(body) > OFF_LOOP_BYTES:
-            mac = await asyncio.to_thread(check_macs, given, self.secrets, message)
-        else:
-            mac = check_macs(given, self.secrets, message)
-        if scope["method"] not in ("GET", "HEAD") and self.remember is not None:
+        mac = macs.check(given)
+        # a signed trigger is accepted once (a replay would start a second training); one with an
+        # Idempotency-Key is safe to repeat (the same key and body answer the same job). The other
+        # POST, cancel, has the same effect however often it is sent.
+        once = scope["method"] == "POST" and scope["path"] in ACCEPTED_ONCE and "idempotency-key" not in headers
+        if once and self.remember is not None:
             if not await asyncio.to_thread(self.remember, mac, t + self.tolerance):
                 raise ServiceError(401, "unauthorized", errors.REPLAYED_SIGNATURE)
         scope[VERIFIED] = True
         return body
 
-    async def _read_body(self, receive):
+    async def _read_body(self, receive, macs: Macs | None):
+        """The body (413 once past the limit), fed to `macs` chunk by chunk as it arrives."""
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -90,6 +91,8 @@ class Gate:
             size += len(chunk)
             if size > self.limit:
                 raise self._too_large()
+            if macs is not None and chunk:
+                macs.update(chunk)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

@@ -146,8 +146,10 @@ class JobStore:
         body_sha256: str | None = None,
         max_queued: int | None = None,
         one_per_community: bool = False,
+        idempotency_ttl_s: float | None = None,
     ) -> tuple[dict, bool]:
         """Insert a queued job. Returns (job, created); an idempotent replay returns the existing job.
+        A key older than `idempotency_ttl_s` is released: the request makes a new job.
 
         All checks and the insert happen under one lock, so concurrent triggers cannot both pass
         a limit or both create a job for one community or one key."""
@@ -156,6 +158,9 @@ class JobStore:
         with self._lock:
             if idempotency_key is not None:
                 row = self._db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+                if row is not None and idempotency_ttl_s is not None and row["created_at"] < now - idempotency_ttl_s:
+                    self._db.execute("UPDATE jobs SET idempotency_key = NULL WHERE id = ?", (row["id"],))
+                    row = None
                 if row is not None:
                     if row["body_sha256"] != body_sha256:
                         raise IdempotencyConflict(row["id"])

@@ -28,7 +28,7 @@ from core.callbacks import CallbackSender
 from core.errors import JOB_FINISHED, JOB_NOT_FOUND, ServiceError
 from core.schemas import job_view
 from storage.base import SourceError, StorageError
-from training.config import REPO_ROOT, compose_config
+from training.config import REPO_ROOT, compose_config, literal
 from training.records import RecordError, normalise_records
 
 log = logging.getLogger(__name__)
@@ -395,7 +395,7 @@ class Runner:
         with open(data_path, "w", encoding="utf-8") as fh:
             for record in records:
                 fh.write(json.dumps(record) + "\n")
-        job_cfg = OmegaConf.to_container(cfg, resolve=True)
+        job_cfg = literal(OmegaConf.to_container(cfg, resolve=True))  # resolved once, here: stays literal there
         job_cfg["output_dir"] = str(out_dir)
         job_cfg["data"]["path"] = str(data_path)
         # The subprocess composes exactly this file: no override strings are built from caller data.

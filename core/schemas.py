@@ -82,7 +82,7 @@ class TriggerRequest(BaseModel):
 
 
 class QueuedResponse(BaseModel):
-    status: Literal["queued"]
+    status: JobStatus  # "queued" for a new job; a repeated request gets its job's status now
     job_id: str
     status_url: str
 

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_records: int = Field(100_000, ge=1)  # records per job
     max_field_chars: int = Field(100_000, ge=16)  # characters in any one string of a record
     max_queued_jobs: int = Field(100, ge=1)  # 429 + Retry-After when the queue holds this many
+    idempotency_ttl_s: float = Field(24 * 3600, gt=0)  # an Idempotency-Key is remembered this long
     one_job_per_community: bool = True  # a second active job for a community is a 409
 
     # Storage

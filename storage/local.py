@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import tempfile
 from datetime import UTC, datetime
@@ -9,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from storage.base import SourceError, StorageError, StoredArtifact
-from storage.manifest import build_manifest, write_manifest
+from storage.manifest import MANIFEST, build_manifest, write_manifest
 from training.records import RecordError, load_records_file
+
+log = logging.getLogger(__name__)
 
 
 class LocalPreferenceSource:
@@ -46,7 +50,7 @@ class LocalPreferenceSource:
         )
 
     def check(self) -> str | None:
-        return None if self.root.is_dir() or not self.root.exists() else f"{self.root} is not a directory"
+        return None if self.root.is_dir() or not self.root.exists() else "the preferences path is not a directory"
 
 
 def _created_at(record: Any) -> datetime | None:
@@ -66,20 +70,34 @@ class LocalArtifactStore:
         self.root = Path(root)
 
     def save(self, run_dir: Path, community_id: str, job_id: str, manifest_extra: dict | None = None) -> StoredArtifact:
+        """Idempotent for a job: a complete copy from an earlier attempt (its manifest written
+        last) is kept; an incomplete one is replaced."""
         final = self.root / community_id / job_id
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{job_id}-", dir=final.parent))
+        if (final / MANIFEST).exists():
+            return self._stored(final, json.loads((final / MANIFEST).read_text()))
+        staging = None
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{job_id}-", dir=final.parent))
             shutil.copytree(run_dir, staging, dirs_exist_ok=True)
             manifest = build_manifest(staging, job_id, community_id, manifest_extra)
             write_manifest(staging, manifest)
+            if final.exists():  # an earlier attempt stopped before its manifest
+                shutil.rmtree(final)
             staging.rename(final)
         except OSError as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise StorageError(f"could not store the artifact in {final}: {err}") from err
-        return StoredArtifact(
-            uri=final.resolve().as_uri(), files=[f["path"] for f in manifest["files"]] + ["manifest.json"]
-        )
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            log.error("could not store the artifact of job %s in %s: %s", job_id, final, err)
+            # the message goes to callers: no server paths in it
+            raise StorageError(
+                f"could not store the artifact of job {job_id}: {err.strerror or type(err).__name__}"
+            ) from err
+        return self._stored(final, manifest)
+
+    @staticmethod
+    def _stored(final: Path, manifest: dict) -> StoredArtifact:
+        return StoredArtifact(uri=final.resolve().as_uri(), files=[f["path"] for f in manifest["files"]] + [MANIFEST])
 
     def check(self) -> str | None:
         try:
@@ -88,4 +106,4 @@ class LocalArtifactStore:
                 pass
             return None
         except OSError as err:
-            return f"artifacts directory {self.root} is not writable: {err.strerror}"
+            return f"artifacts directory is not writable: {err.strerror}"

@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from training.config import available, compose_config
+from training.config import available, compose_config, literal
 
 
 @pytest.mark.parametrize("model", available("model"))
@@ -59,9 +59,15 @@ def test_missing_output_dir_fails_fast_in_the_facade():
         run_training(compose_config(), [{"prompt": "p", "chosen": "a", "rejected": "b"}])
 
 
-def test_values_are_not_interpolated_hydra_overrides():
-    cfg = compose_config(values={"train.learning_rate": 1e-3})
+def test_values_are_not_interpolated_hydra_overrides(monkeypatch):
+    monkeypatch.setenv("DPO_WEBHOOK_SECRET", "the-secret")
+    cfg = compose_config(values={"train.learning_rate": 1e-3, "model.name_or_path": "${oc.env:DPO_WEBHOOK_SECRET}"})
     assert cfg.train.learning_rate == 1e-3
+    assert cfg.model.name_or_path == "${oc.env:DPO_WEBHOOK_SECRET}"  # text, never resolved
+    assert "the-secret" not in OmegaConf.to_yaml(cfg, resolve=True)
+    # what a training subprocess composes again stays literal too
+    written = OmegaConf.create(literal(OmegaConf.to_container(cfg, resolve=True)))
+    assert written.model.name_or_path == "${oc.env:DPO_WEBHOOK_SECRET}"
 
 
 def test_cli_requires_a_data_path_and_output_dir(tmp_path):

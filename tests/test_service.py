@@ -302,6 +302,16 @@ def test_verify_binds_method_path_query_and_body_exactly():
             "callbackUrl",
             "not in DPO_CALLBACK_ALLOWED_HOSTS",
         ),
+        (
+            {"communityId": "c", "dataset": [{"prompt": "a\ud800b", "chosen": "x", "rejected": "y"}]},
+            "dataset[0].prompt",
+            "not valid Unicode text: a lone surrogate (\\ud800) at character 1",
+        ),
+        (
+            {"communityId": "c", "dataset": [{"prompt": "p", "chosen": "x", "rejected": "y", "k" * 100_001: 1}]},
+            "dataset[0]." + "k" * 64 + "...",
+            "a key of 100001 characters, more than the limit of 100000",
+        ),
         ({"communityId": "c", "callbackUrl": "http://[::1"}, "callbackUrl", "callbackUrl: not a valid URL"),
         (
             {"communityId": "c", "callbackUrl": "http://127.0.0.1:99999/x"},
@@ -358,12 +368,27 @@ def test_idempotency_key(client, toy):
     dataset = toy(8)
     first = client.trigger("idem", dataset, FAST, headers={"Idempotency-Key": "key-1"})
     second = client.trigger("idem", dataset, FAST, headers={"Idempotency-Key": "key-1"})
-    assert first.status_code == second.status_code == 202
+    assert first.status_code == 202 and second.status_code == 200  # 200: no new job
     assert first.json()["job_id"] == second.json()["job_id"]
     conflict = client.trigger("idem", dataset[:4], FAST, headers={"Idempotency-Key": "key-1"})
     assert conflict.status_code == 409
     assert "Idempotency-Key was already used with a different request body" in conflict.json()["error"]["message"]
     wait_for(client, first.json()["job_id"])
+    finished = client.trigger("idem", dataset, FAST, headers={"Idempotency-Key": "key-1"})
+    assert finished.status_code == 200 and finished.json()["status"] == "succeeded"  # the job as it is now
+    empty = client.trigger("idem-empty", dataset, FAST, headers={"Idempotency-Key": ""})
+    assert empty.status_code == 422 and empty.json()["error"]["field"] == "Idempotency-Key"
+
+
+def test_idempotency_keys_expire(tmp_path, toy):
+    with Server(tmp_path, env={"DPO_IDEMPOTENCY_TTL_S": "1"}) as srv:
+        client = Client(srv.url, srv.secret)
+        first = client.trigger("expiring", toy(8), FAST, headers={"Idempotency-Key": "k"}).json()["job_id"]
+        wait_for(client, first)
+        time.sleep(1.5)
+        again = client.trigger("expiring", toy(8), FAST, headers={"Idempotency-Key": "k"})
+        assert again.status_code == 202 and again.json()["job_id"] != first
+        wait_for(client, again.json()["job_id"])
 
 
 def test_list_paginates_newest_first_and_filters(client, toy):
@@ -383,8 +408,18 @@ def test_list_paginates_newest_first_and_filters(client, toy):
 
 def test_unknown_and_malformed_job_ids(client):
     assert client.get("/jobs/" + "0" * 32).status_code == 404
-    assert client.get("/jobs/..%2F..%2Fetc").status_code in (404, 422)
+    traversal = client.get("/jobs/..%2F..%2Fetc")
+    assert traversal.status_code in (404, 422) and traversal.json()["error"]["message"] != "job not found"
     assert client.get("/jobs/not-a-job-id").status_code == 422
+
+
+def test_metrics_labels_stay_bounded_under_made_up_methods_and_paths(server, client):
+    methods = ["PROPFIND", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "SEARCH", "PURGE", "REPORT", "MKACTIVITY"]
+    for i, method in enumerate(methods * 4):
+        httpx.request(method, f"{server.url}/made-up-{i}")
+    text = httpx.get(server.url + "/metrics").text
+    assert not any(f'method="{m}"' in text for m in methods) and "made-up-1" not in text
+    assert 'method="other"' in text
 
 
 def test_metrics_are_prometheus_text(server, client):

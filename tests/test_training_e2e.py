@@ -14,7 +14,7 @@ from training import TrainingCancelled, run_training
 from training.batching import collate
 from training.config import REPO_ROOT
 from training.logprobs import model_logps
-from training.loop import PairBatches, micro_batches
+from training.loop import PairBatches, micro_batches, split_train_eval
 from training.model import model_path
 from training.records import normalise_records
 from training.tokenize import tokenize_pairs
@@ -126,8 +126,11 @@ def test_dataset_smaller_than_a_batch_trains_on_what_it_has(tmp_path, toy, n):
     assert result.metrics["steps"] == 2  # one (partial) batch per epoch, 2 epochs
     if n == 1:
         assert result.metrics["final_eval"] == {}  # nothing left to hold out: no eval on training data
-    else:
-        assert result.metrics["final_eval"]["eval/rewards/accuracies"] in (0.0, 1.0)
+    else:  # one pair held out, never trained on: evaluated at step 0 and at the end
+        train, held_out = split_train_eval(n, 0.1, 256, 42)
+        assert len(held_out) == 1 and not set(train) & set(held_out)
+        steps = [e["step"] for e in result.metrics["evals"]]
+        assert steps[0] == 0 and steps[-1] == 2
 
 
 def test_micro_batches_stay_within_the_token_budget():
@@ -169,11 +172,17 @@ def test_every_loss_trains(tmp_path, toy, loss):
 
 
 def test_rmsprop_and_cosine(tmp_path, toy):
-    cfg = make_cfg(
-        **{"train.optimizer": "rmsprop", "train.scheduler": "cosine", "train.learning_rate": 1e-4, "train.epochs": 1}
-    )
-    result = run_training(cfg, toy(24), tmp_path / "out")
-    assert result.metrics["steps"] == 3
+    values = {"train.scheduler": "cosine", "train.warmup_steps": 0, "train.learning_rate": 1e-4, "train.epochs": 1}
+    runs = {
+        name: run_training(make_cfg(**values, **{"train.optimizer": name}), toy(24), tmp_path / name).metrics
+        for name in ("rmsprop", "adamw")
+    }
+    assert runs["rmsprop"]["steps"] == 3
+    lrs = [h["lr"] for h in runs["rmsprop"]["history"]]
+    assert lrs == pytest.approx([1e-4, 0.75e-4, 0.25e-4])  # cosine over 3 steps: 1, (1 + cos(pi/3))/2, ...
+    losses = {name: [h["loss"] for h in m["history"]] for name, m in runs.items()}
+    assert losses["rmsprop"][0] == pytest.approx(losses["adamw"][0])  # the same start
+    assert losses["rmsprop"][1:] != pytest.approx(losses["adamw"][1:], abs=1e-6)  # a different optimizer's steps
 
 
 def test_cancel_stops_at_a_step_boundary_and_writes_nothing(tmp_path, toy):

@@ -42,7 +42,7 @@ def compose_config(
     for key, value in (values or {}).items():
         if not has_key(cfg, key):
             raise KeyError(f"unknown config key {key!r}")
-        OmegaConf.update(cfg, key, value, merge=False)
+        OmegaConf.update(cfg, key, literal(value), merge=False)
     return cfg
 
 
@@ -56,6 +56,19 @@ def _compose_base(config_name: str, model: str, loss: str) -> DictConfig:
         cfg = compose(config_name=config_name, overrides=[f"model={model}", f"loss={loss}"])
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def literal(value: Any) -> Any:
+    """`value` with every "${" escaped, recursively: OmegaConf would otherwise resolve a string
+    such as "${oc.env:DPO_WEBHOOK_SECRET}" when it is read (or when a config is written out and
+    composed again by a training subprocess)."""
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, dict):
+        return {k: literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [literal(v) for v in value]
+    return value
 
 
 def has_key(cfg: DictConfig, dotted: str) -> bool:

@@ -171,16 +171,37 @@ def normalise_record(record: Any, rid: int | str = 0) -> list[PreferencePair]:
 
 
 def check_string_sizes(value: Any, rid: int | str, max_chars: int, path: str = "") -> None:
-    """Every string anywhere in the record is at most max_chars long."""
+    """Every string anywhere in the record, keys included, is at most max_chars long and valid
+    Unicode text (JSON can carry a lone surrogate such as "\\ud800", which no tokenizer takes)."""
     if isinstance(value, str):
         if len(value) > max_chars:
             raise RecordError(rid, path or "<record>", f"{len(value)} characters, more than the limit of {max_chars}")
+        check_unicode(value, rid, path or "<record>")
     elif isinstance(value, dict):
         for key, item in value.items():
+            name = str(key)[:64]
+            if isinstance(key, str) and len(key) > max_chars:
+                raise RecordError(
+                    rid,
+                    f"{path}.{name}..." if path else f"{name}...",
+                    f"a key of {len(key)} characters, more than the limit of {max_chars}",
+                )
+            if isinstance(key, str):
+                check_unicode(key, rid, f"{path}.<key>" if path else "<key>")
             check_string_sizes(item, rid, max_chars, f"{path}.{key}" if path else str(key))
     elif isinstance(value, list):
         for i, item in enumerate(value):
             check_string_sizes(item, rid, max_chars, f"{path}[{i}]")
+
+
+def check_unicode(text: str, rid: int | str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        raise RecordError(
+            rid, field, f"not valid Unicode text: a lone surrogate (\\u{ord(bad):04x}) at character {err.start}"
+        ) from None
 
 
 def normalise_records(
