@@ -155,7 +155,7 @@ async def trigger_finetune(
         "source_options": {"since": payload.since.isoformat() if payload.since else None, "limit": payload.limit},
     }
     try:
-        job, created = await asyncio.to_thread(
+        job, _ = await asyncio.to_thread(
             state.store.create,
             payload.communityId,
             config,
@@ -188,13 +188,8 @@ async def trigger_finetune(
     state.runner.notify()
     job_id = job["id"]
     if not wait:
-        answer = {
-            "status": job["status"],
-            "job_id": job_id,
-            "status_url": str(request.url_for("get_job", job_id=job_id)),
-        }
-        # a repeated request (same Idempotency-Key and body) answers the job as it is now, with 200
-        return answer if created else JSONResponse(answer, status_code=200)
+        # a repeated request (same Idempotency-Key and body) answers its job as it is now
+        return {"status": job["status"], "job_id": job_id, "status_url": str(request.url_for("get_job", job_id=job_id))}
     while True:  # poll without blocking the event loop
         job = state.store.get(job_id)
         if job["status"] in FINAL_STATES or state.runner.stopping:

@@ -171,7 +171,7 @@ def test_unexpected_errors_are_500_with_an_error_id_and_no_internals(tmp_path):
     async def call():
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            return await http.get("/boom")
+            return await http.get("/boom", headers={HEADER: sign("s", "GET", "/boom")})
 
     response = asyncio.run(call())
     body = response.json()

@@ -368,14 +368,14 @@ def test_idempotency_key(client, toy):
     dataset = toy(8)
     first = client.trigger("idem", dataset, FAST, headers={"Idempotency-Key": "key-1"})
     second = client.trigger("idem", dataset, FAST, headers={"Idempotency-Key": "key-1"})
-    assert first.status_code == 202 and second.status_code == 200  # 200: no new job
+    assert first.status_code == second.status_code == 202
     assert first.json()["job_id"] == second.json()["job_id"]
     conflict = client.trigger("idem", dataset[:4], FAST, headers={"Idempotency-Key": "key-1"})
     assert conflict.status_code == 409
     assert "Idempotency-Key was already used with a different request body" in conflict.json()["error"]["message"]
     wait_for(client, first.json()["job_id"])
     finished = client.trigger("idem", dataset, FAST, headers={"Idempotency-Key": "key-1"})
-    assert finished.status_code == 200 and finished.json()["status"] == "succeeded"  # the job as it is now
+    assert finished.status_code == 202 and finished.json()["status"] == "succeeded"  # the job as it is now
     empty = client.trigger("idem-empty", dataset, FAST, headers={"Idempotency-Key": ""})
     assert empty.status_code == 422 and empty.json()["error"]["field"] == "Idempotency-Key"
 

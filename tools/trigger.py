@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -48,6 +49,10 @@ class Client:
         return self.request("GET", path, params=params)
 
     def trigger(self, community: str, dataset: list | None = None, config: dict | None = None, **kwargs):
+        """POST /trigger-finetune with a fresh Idempotency-Key unless one is given: a retry of this
+        call with the same key cannot start a second job, and the server's replay check (which
+        refuses an identical unkeyed trigger in the same second) does not apply."""
+        kwargs["headers"] = {"Idempotency-Key": uuid.uuid4().hex, **(kwargs.get("headers") or {})}
         payload = {"communityId": community}
         if dataset is not None:
             payload["dataset"] = dataset
