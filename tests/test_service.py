@@ -380,15 +380,23 @@ def test_idempotency_key(client, toy):
     assert empty.status_code == 422 and empty.json()["error"]["field"] == "Idempotency-Key"
 
 
-def test_idempotency_keys_expire(tmp_path, toy):
-    with Server(tmp_path, env={"DPO_IDEMPOTENCY_TTL_S": "1"}) as srv:
-        client = Client(srv.url, srv.secret)
-        first = client.trigger("expiring", toy(8), FAST, headers={"Idempotency-Key": "k"}).json()["job_id"]
-        wait_for(client, first)
-        time.sleep(1.5)
-        again = client.trigger("expiring", toy(8), FAST, headers={"Idempotency-Key": "k"})
-        assert again.status_code == 202 and again.json()["job_id"] != first
-        wait_for(client, again.json()["job_id"])
+def test_idempotency_keys_expire(tmp_path):
+    """DPO_IDEMPOTENCY_TTL_S: within it the key answers its job; after it the key makes a new job."""
+    from core.jobs import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    try:
+        first, created = store.create("c", {}, "inline", idempotency_key="k", body_sha256="b", idempotency_ttl_s=60)
+        again, created_again = store.create(
+            "c", {}, "inline", idempotency_key="k", body_sha256="b", idempotency_ttl_s=60
+        )
+        assert created and not created_again and again["id"] == first["id"]
+        later, created_later = store.create(
+            "c", {}, "inline", idempotency_key="k", body_sha256="b", idempotency_ttl_s=0
+        )
+        assert created_later and later["id"] != first["id"]
+    finally:
+        store.close()
 
 
 def test_list_paginates_newest_first_and_filters(client, toy):
