@@ -339,7 +339,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         secrets=settings.webhook_secrets,
         max_body_bytes=settings.max_body_bytes,
         tolerance_s=settings.signature_tolerance_s,
-        remember=lambda mac, expires_at: app.state.store.remember_signature(mac, expires_at),
+        remember=lambda mac, expires_at, key: app.state.store.remember_signature(mac, expires_at, key),
     )
 
     @app.middleware("http")

@@ -5,7 +5,8 @@ request never authorises another:
 
     <t> "\\n" <METHOD> "\\n" <path> "\\n" <canonical query> "\\n" <body bytes>
 
-The canonical query is the query's name=value pairs sorted by name then value, each percent-encoded
+The canonical query is the query's name=value pairs sorted by name (a repeated name keeps its
+values' order), each percent-encoded
 (RFC 3986: unreserved characters kept) and joined with "&"; an empty query is "". Several `v1=`
 values may be sent (one per secret while a secret is rotated); `DPO_WEBHOOK_SECRET` may hold the
 current and the previous secret, comma-separated. Callbacks use another secret and scheme
@@ -37,7 +38,8 @@ def canonical_query(query: str | dict | None) -> str:
         if isinstance(query, str)
         else [(str(k), str(v)) for k, v in query.items()]
     )
-    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(pairs))
+    # sorted by name only (stable): a repeated name keeps its values' order, which the app reads
+    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(pairs, key=lambda kv: kv[0]))
 
 
 def string_to_sign(t: int, method: str, path: str, query: str | dict | None, body: bytes) -> bytes:

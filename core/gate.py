@@ -4,8 +4,9 @@ raw bytes before any route, JSON parser or validator sees the request.
 - A declared Content-Length over the limit: 413 before the body is read.
 - A missing, malformed or stale signature header: 401 before the body is read.
 - The body is read (413 once past the limit) and fed to the HMAC chunk by chunk as it arrives;
-  the signature covers method, path, query and body. A trigger without an Idempotency-Key is then
-  remembered for the tolerance window: the same request sent again is a 401 (replay).
+  the signature covers method, path, query and body. A trigger is then remembered for the
+  tolerance window: the same request sent again is a 401 (replay), unless repeated with the
+  Idempotency-Key it first came with.
 Only then does the request reach the app, which reads the same bytes.
 """
 
@@ -34,10 +35,10 @@ class Gate:
         secrets: list[str] | None,
         max_body_bytes: int,
         tolerance_s: int,
-        remember: Callable[[str, float], bool] | None = None,
+        remember: Callable[[str, float, str], bool] | None = None,
     ):
-        """`secrets`: None only with DPO_ALLOW_UNSIGNED=1. `remember(mac, expires_at)`: False
-        when the MAC was seen before (a replay)."""
+        """`secrets`: None only with DPO_ALLOW_UNSIGNED=1. `remember(mac, expires_at, key)`: False
+        for a replay (JobStore.remember_signature)."""
         self.app, self.secrets, self.limit, self.tolerance = app, secrets, max_body_bytes, tolerance_s
         self.remember = remember
 
@@ -70,12 +71,12 @@ class Gate:
         if body is _GONE or macs is None:
             return body
         mac = macs.check(given)
-        # a signed trigger is accepted once (a replay would start a second training); one with an
-        # Idempotency-Key is safe to repeat (the same key and body answer the same job). The other
-        # POST, cancel, has the same effect however often it is sent.
-        once = scope["method"] == "POST" and scope["path"] in ACCEPTED_ONCE and "idempotency-key" not in headers
-        if once and self.remember is not None:
-            if not await asyncio.to_thread(self.remember, mac, t + self.tolerance):
+        # a signed trigger is accepted once (a replay would start a second training), unless it is
+        # repeated with the Idempotency-Key it first came with (that answers the same job). The
+        # other POST, cancel, has the same effect however often it is sent.
+        if scope["method"] == "POST" and scope["path"] in ACCEPTED_ONCE and self.remember is not None:
+            key = headers.get("idempotency-key", "")
+            if not await asyncio.to_thread(self.remember, mac, t + self.tolerance, key):
                 raise ServiceError(401, "unauthorized", errors.REPLAYED_SIGNATURE)
         scope[VERIFIED] = True
         return body

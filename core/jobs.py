@@ -54,9 +54,10 @@ CREATE TABLE IF NOT EXISTS outbox (  -- completion callbacks still to deliver; s
     next_at  REAL NOT NULL,
     state    TEXT NOT NULL DEFAULT 'pending'  -- pending | delivered | failed
 );
-CREATE TABLE IF NOT EXISTS seen_signatures (  -- signed POSTs within the signature tolerance: replays are refused
+CREATE TABLE IF NOT EXISTS seen_signatures (  -- signed triggers within the signature tolerance: replays are refused
     mac        TEXT PRIMARY KEY,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    idem_key   TEXT NOT NULL DEFAULT ''  -- the Idempotency-Key it came with ('' for none)
 );
 CREATE INDEX IF NOT EXISTS seen_signatures_by_expiry ON seen_signatures (expires_at);
 """
@@ -114,6 +115,9 @@ class JobStore:
         columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "attempts" not in columns:
             self._db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+        seen = {row["name"] for row in self._db.execute("PRAGMA table_info(seen_signatures)")}
+        if "idem_key" not in seen:
+            self._db.execute("ALTER TABLE seen_signatures ADD COLUMN idem_key TEXT NOT NULL DEFAULT ''")
 
     def add_listener(self, callback) -> None:
         self._listeners.append(callback)
@@ -370,14 +374,20 @@ class JobStore:
         )
         return [_row_to_job(row) for row in rows.fetchall()]
 
-    def remember_signature(self, mac: str, expires_at: float) -> bool:
-        """Record a request signature until it expires; False when it was already recorded (a replay)."""
+    def remember_signature(self, mac: str, expires_at: float, idempotency_key: str = "") -> bool:
+        """Record a trigger's signature until it expires. False for a replay: the signature was seen
+        before, unless both times with the same non-empty Idempotency-Key (a safe repeat: it
+        answers the same job). A key added to a captured request does not make it new."""
         with self._lock:
             self._db.execute("DELETE FROM seen_signatures WHERE expires_at < ?", (time.time(),))
-            inserted = self._db.execute(
-                "INSERT OR IGNORE INTO seen_signatures (mac, expires_at) VALUES (?, ?)", (mac, expires_at)
-            ).rowcount
-        return inserted == 1
+            row = self._db.execute("SELECT idem_key FROM seen_signatures WHERE mac = ?", (mac,)).fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO seen_signatures (mac, expires_at, idem_key) VALUES (?, ?, ?)",
+                    (mac, expires_at, idempotency_key),
+                )
+                return True
+        return bool(idempotency_key) and row["idem_key"] == idempotency_key
 
     def writable(self) -> bool:
         """For /ready: a write transaction that commits nothing."""

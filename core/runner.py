@@ -33,6 +33,7 @@ from training.records import RecordError, normalise_records
 
 log = logging.getLogger(__name__)
 STARTUP_ALLOWANCE_S = 120  # a trainer subprocess's first line may take this long (imports, model load)
+EXITED_GRACE_S = 5  # a trainer that exited but whose pipe stays open (a leftover child) is ended after this
 HELDOUT_REGRESSED = (
     "held-out metrics got worse during training (higher loss or lower reward margin than the initial"
     " model): the data may be inconsistent, or the learning rate too high; final_eval has eval/regressed"
@@ -152,6 +153,8 @@ class Runner:
         deadline = time.time() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.time()))
+        with self._lock:  # including one started after the snapshot above
+            procs = list(self._procs.values())
         for proc in procs:  # never leave a trainer behind
             signal_group(proc, signal.SIGKILL)
         self.callbacks.stop()
@@ -214,6 +217,8 @@ class Runner:
         work.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._started[job_id] = time.monotonic()
+            if self._stopping.is_set():  # claimed just as a shutdown began: stop it at once
+                self._stop_requests.setdefault(job_id, "shutdown")
         started = time.time()
         outcome: dict = {}
         try:
@@ -363,9 +368,11 @@ class Runner:
         lines: queue.Queue = queue.Queue()
 
         def read() -> None:
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
+            try:
+                for line in proc.stdout:
+                    lines.put(line)
+            finally:
+                lines.put(None)  # EOF, or the pipe broke: either way the watch ends
 
         threading.Thread(target=read, daemon=True, name=f"trainer-output-{job_id[:8]}").start()
         terminated_at = None
@@ -389,6 +396,11 @@ class Runner:
                 terminated_at = now
             elif terminated_at is not None and now - terminated_at > self.settings.stop_grace_s:
                 signal_group(proc, signal.SIGKILL)
+            if proc.poll() is not None and now - self._heard.get(job_id, now) > EXITED_GRACE_S:
+                # the trainer is gone but something it started still holds the pipe: end them all
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                return
 
     def _train_subprocess(self, cfg, records, work: Path, out_dir: Path, progress, job_id) -> dict:
         data_path = work / "dataset.jsonl"
@@ -414,7 +426,8 @@ class Runner:
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
+            encoding="utf-8",
+            errors="replace",  # a stray byte from the model's code must not kill the reader
             start_new_session=True,
         )
         with self._lock:
@@ -422,15 +435,24 @@ class Runner:
             # until its first line (imports, model load) the trainer gets STARTUP_ALLOWANCE_S
             self._heard[job_id] = time.monotonic() + max(0.0, STARTUP_ALLOWANCE_S - self.settings.job_stall_s)
         result, error, tail = None, None, []
-        for line in self._watch(job_id, proc):
-            if line.startswith("@progress "):
-                progress(json.loads(line[len("@progress ") :]))
-            elif line.startswith("@result "):
-                result = json.loads(line[len("@result ") :])
-            elif line.startswith("@error "):
-                error = json.loads(line[len("@error ") :])
-            elif not line.startswith("@alive"):
-                tail = (tail + [line.rstrip()])[-20:]
+        try:
+            for line in self._watch(job_id, proc):
+                kind, _, payload = line.partition(" ")
+                try:
+                    if kind == "@progress":
+                        progress(json.loads(payload))
+                    elif kind == "@result":
+                        result = json.loads(payload)
+                    elif kind == "@error":
+                        error = json.loads(payload)
+                    elif kind != "@alive":
+                        tail = (tail + [line.rstrip()])[-20:]
+                except json.JSONDecodeError:  # a garbled line must not end the job or lose the trainer
+                    log.warning("job %s: unreadable trainer line: %.200s", job_id, line)
+        except BaseException:  # whatever broke the watch, no trainer outlives it
+            signal_group(proc, signal.SIGKILL)
+            proc.wait()
+            raise
         code = proc.wait()
         if self._should_stop(job_id) and code != 0:
             raise Stopped()

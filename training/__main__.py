@@ -21,9 +21,14 @@ from training.facade import run_training
 from training.loop import TrainingCancelled
 from training.records import RecordError, load_records_file
 
+_stdout_lock = threading.Lock()  # the heartbeat thread and the trainer write whole lines, never interleaved
+
 
 def _emit(kind: str, payload: dict) -> None:
-    print(f"@{kind} " + json.dumps(payload), flush=True)
+    line = f"@{kind} " + json.dumps(payload) + "\n"
+    with _stdout_lock:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def _heartbeat(interval_s: float) -> None:
