@@ -3,7 +3,7 @@
 The string to sign binds a signature to one request (as AWS SigV4 does), so a signature over one
 request never authorises another:
 
-    <t> "\\n" <METHOD> "\\n" <path> "\\n" <canonical query> "\\n" <body bytes>
+    <t> "\\n" <METHOD> "\\n" <path> "\\n" <canonical query> "\\n" <Idempotency-Key> "\\n" <body bytes>
 
 The canonical query is the query's name=value pairs sorted by name (a repeated name keeps its
 values' order), each percent-encoded
@@ -42,8 +42,10 @@ def canonical_query(query: str | dict | None) -> str:
     return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(pairs, key=lambda kv: kv[0]))
 
 
-def string_to_sign(t: int, method: str, path: str, query: str | dict | None, body: bytes) -> bytes:
-    return f"{t}\n{method.upper()}\n{path}\n{canonical_query(query)}\n".encode() + body
+def string_to_sign(
+    t: int, method: str, path: str, query: str | dict | None, body: bytes, idempotency_key: str = ""
+) -> bytes:
+    return f"{t}\n{method.upper()}\n{path}\n{canonical_query(query)}\n{idempotency_key}\n".encode() + body
 
 
 def _mac(secret: str, message: bytes) -> str:
@@ -57,10 +59,11 @@ def sign(
     body: bytes = b"",
     query: str | dict | None = None,
     timestamp: int | None = None,
+    idempotency_key: str = "",
 ) -> str:
     """The header value for one request, signed now (or at `timestamp`); one v1 per secret."""
     t = int(time.time()) if timestamp is None else int(timestamp)
-    message = string_to_sign(t, method, path, query, body)
+    message = string_to_sign(t, method, path, query, body, idempotency_key)
     secrets = [secret] if isinstance(secret, str) else secret
     return ",".join([f"t={t}"] + [f"v1={_mac(s, message)}" for s in secrets])
 
@@ -93,8 +96,10 @@ class Macs:
     """The HMACs of one request under each secret, fed as the body arrives (no copy of a large
     body is hashed in one go on the event loop; hashlib releases the GIL on large chunks)."""
 
-    def __init__(self, secrets: list[str], t: int, method: str, path: str, query: str | dict | None):
-        prefix = string_to_sign(t, method, path, query, b"")
+    def __init__(
+        self, secrets: list[str], t: int, method: str, path: str, query: str | dict | None, idempotency_key: str = ""
+    ):
+        prefix = string_to_sign(t, method, path, query, b"", idempotency_key)
         self._macs = [hmac.new(secret.encode(), prefix, hashlib.sha256) for secret in secrets]
 
     def update(self, chunk: bytes) -> None:

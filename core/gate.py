@@ -66,7 +66,7 @@ class Gate:
         if self.secrets is not None:
             t, given = parse_header(headers.get(HEADER), self.tolerance)  # 401 before reading anything
             query = scope.get("query_string", b"").decode("latin-1")
-            macs = Macs(self.secrets, t, scope["method"], scope["path"], query)
+            macs = Macs(self.secrets, t, scope["method"], scope["path"], query, headers.get("idempotency-key", ""))
         body = await self._read_body(receive, macs)
         if body is _GONE or macs is None:
             return body

@@ -43,7 +43,8 @@ def signed_call(case, server) -> httpx.Response:
         body = kwargs.get("data") or b""
         body = body.encode() if isinstance(body, str) else body
     url = httpx.URL(kwargs["url"], params=kwargs.get("params"))
-    headers[HEADER] = sign(server.secret, kwargs["method"], url.path, body, url.query.decode())
+    key = headers.get("Idempotency-Key", "")
+    headers[HEADER] = sign(server.secret, kwargs["method"], url.path, body, url.query.decode(), idempotency_key=key)
     return httpx.request(kwargs["method"], url, content=body, headers=headers, timeout=30)
 
 

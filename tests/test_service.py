@@ -216,13 +216,13 @@ def test_a_replayed_post_is_refused(server, client, toy):
     assert first.status_code == 202, first.text
     again = _raw_post(server, body, signature)
     assert again.status_code == 401 and again.json()["error"]["message"] == REPLAYED_SIGNATURE
-    # adding an Idempotency-Key (it is not signed) does not make the captured request new
+    # the Idempotency-Key is signed: adding one to a captured request breaks its signature
     keyed = httpx.post(
         server.url + PATH,
         content=body,
         headers={"Content-Type": "application/json", HEADER: signature, "Idempotency-Key": "fresh-key"},
     )
-    assert keyed.status_code == 401 and keyed.json()["error"]["message"] == REPLAYED_SIGNATURE
+    assert keyed.status_code == 401 and keyed.json()["error"]["message"] == BAD_SIGNATURE
     wait_for(client, first.json()["job_id"])
 
 

@@ -38,7 +38,8 @@ class Client:
         url = httpx.URL(self.url + path, params=params)
         headers = {"Content-Type": "application/json", **(headers or {})}
         if self.secret:
-            headers[HEADER] = sign(self.secret, method, url.path, body, url.query.decode())
+            key = headers.get("Idempotency-Key", "")
+            headers[HEADER] = sign(self.secret, method, url.path, body, url.query.decode(), idempotency_key=key)
         return self.http.request(method, url, content=body, headers=headers)
 
     def post(self, path: str, payload: dict | None = None, headers: dict | None = None, params: dict | None = None):
