@@ -24,7 +24,6 @@ from core.callbacks import check_callback_url
 from core.errors import CALLBACK_NEEDS_SECRET, IDEMPOTENCY_CONFLICT, JOB_NOT_FOUND, MISSING_SIGNATURE, ServiceError
 from core.gate import VERIFIED, Gate
 from core.job_config import job_training_config
-from core.jobs import ActiveJobConflict, IdempotencyConflict, JobStore, QueueFull
 from core.metrics import Metrics
 from core.runner import Runner
 from core.schemas import (
@@ -44,7 +43,19 @@ from core.schemas import (
     job_view,
 )
 from core.settings import Settings, get_settings
+from core.store import (
+    ActiveJobConflict,
+    BadCursor,
+    IdempotencyConflict,
+    Job,
+    JobStore,
+    NewJob,
+    QueueFull,
+    StoreUnavailable,
+    build_job_store,
+)
 from storage import build_storage
+from storage.checkpoints import LocalCheckpoints, SharedCheckpoints
 from training.records import RecordError, normalise_records
 
 log = logging.getLogger("dpo")
@@ -67,11 +78,19 @@ Signed = Annotated[bytes, Depends(require_signature)]
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="32 hex characters")]
 
 
-def _job_or_404(store: JobStore, job_id: str) -> dict:
+def _job_or_404(store: JobStore, job_id: str) -> Job:
     job = store.get(job_id)
     if job is None:
         raise ServiceError(404, "not_found", JOB_NOT_FOUND)
     return job
+
+
+def status_url(request: Request, settings: Settings, job_id: str) -> str:
+    """Where a client polls the job: DPO_PUBLIC_BASE_URL (the load balancer) when set, since any
+    replica answers; else the base URL this request came in on."""
+    if settings.public_base_url:
+        return f"{settings.public_base_url}/jobs/{job_id}"
+    return str(request.url_for("get_job", job_id=job_id))
 
 
 def worker_check(runner: Runner) -> str:
@@ -97,7 +116,7 @@ def health():
 def ready(request: Request):
     state = _state(request)
     checks = {
-        "job_store": "ok" if state.store.writable() else "not writable",
+        "job_store": state.store.check() or "ok",
         "worker": worker_check(state.runner),
         "preference_source": state.source.check() or "ok",
         "artifact_store": state.artifacts.check() or "ok",
@@ -155,13 +174,11 @@ async def trigger_finetune(
         "source_options": {"since": payload.since.isoformat() if payload.since else None, "limit": payload.limit},
     }
     try:
-        job, _ = await asyncio.to_thread(
-            state.store.create,
+        new_job = NewJob(
             payload.communityId,
             config,
             source="inline" if payload.dataset is not None else state.source.name,
             dataset=payload.dataset,
-            records=len(payload.dataset) if payload.dataset is not None else None,
             callback_url=payload.callbackUrl,
             idempotency_key=idempotency_key,
             body_sha256=hashlib.sha256(body).hexdigest(),
@@ -169,6 +186,7 @@ async def trigger_finetune(
             one_per_community=settings.one_job_per_community,
             idempotency_ttl_s=settings.idempotency_ttl_s,
         )
+        job, _ = await asyncio.to_thread(state.store.create, new_job)
     except IdempotencyConflict as err:
         raise ServiceError(409, "idempotency_conflict", f"{IDEMPOTENCY_CONFLICT} (job {err.job_id})") from None
     except ActiveJobConflict as err:
@@ -186,13 +204,13 @@ async def trigger_finetune(
             headers={"Retry-After": "60"},
         ) from None
     state.runner.notify()
-    job_id = job["id"]
+    job_id = job.id
     if not wait:
         # a repeated request (same Idempotency-Key and body) answers its job as it is now
-        return {"status": job["status"], "job_id": job_id, "status_url": str(request.url_for("get_job", job_id=job_id))}
+        return {"status": job.status, "job_id": job_id, "status_url": status_url(request, settings, job_id)}
     while True:  # poll without blocking the event loop
-        job = state.store.get(job_id)
-        if job["status"] in FINAL_STATES or state.runner.stopping:
+        job = await asyncio.to_thread(state.store.get, job_id)
+        if job.status in FINAL_STATES or state.runner.stopping:
             break
         await asyncio.sleep(0.25)
     view = job_view(job)
@@ -216,10 +234,17 @@ def list_jobs(
     communityId: Annotated[str | None, Query(pattern=COMMUNITY_ID_PATTERN)] = None,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$")] = None,
+    cursor: Annotated[
+        str | None, Query(pattern=r"^[0-9a-f]{1,32}$", description="next_cursor of the previous page")
+    ] = None,
 ):
-    jobs, next_cursor = _state(request).store.list(communityId, status, limit, int(cursor) if cursor else None)
-    return {"jobs": [job_view(j) for j in jobs], "next_cursor": None if next_cursor is None else str(next_cursor)}
+    try:
+        jobs, next_cursor = _state(request).store.list(communityId, status, limit, cursor)
+    except BadCursor:
+        raise ServiceError(
+            422, "validation_error", "cursor: not a cursor this service handed out", field="cursor"
+        ) from None
+    return {"jobs": [job_view(j) for j in jobs], "next_cursor": next_cursor}
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], responses=errors(401, 404, 409, 422))
@@ -266,6 +291,12 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     )
 
 
+def _store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+    """The job store is unreachable (Firestore lost): nothing was changed; another replica may answer."""
+    body = {"error": {"code": "store_unavailable", "message": f"the job store is unavailable ({exc}); retry"}}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
 def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
@@ -303,20 +334,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if settings.webhook_secret is None:
             log.warning("!!! DPO_ALLOW_UNSIGNED=1: requests are NOT authenticated. Never expose this instance. !!!")
-        store = JobStore(settings.job_db_path)
         storage = build_storage(settings)
+        store = build_job_store(settings, storage.firebase)
         mirror = None
-        if storage.firebase is not None:  # watch jobs live in Firestore dpo_jobs/{jobId}
+        if storage.firebase is not None and not store.shared:  # one replica: mirror jobs to dpo_jobs/{jobId}
             from storage.firebase import FirestoreJobMirror
 
             mirror = FirestoreJobMirror(
                 storage.firebase, settings.firestore_jobs_collection, lambda job_id: _view_or_none(store, job_id)
             )
             store.add_listener(mirror.notify)
+        if store.shared:  # a job may resume on another replica: its checkpoints go to Cloud Storage too
+            checkpoints = SharedCheckpoints(
+                settings.checkpoint_root, storage.firebase, settings.storage_retry_deadline_s
+            )
+        else:
+            checkpoints = LocalCheckpoints(settings.checkpoint_root)
         app.state.settings, app.state.store = settings, store
         app.state.source, app.state.artifacts = storage.source, storage.artifacts
         app.state.metrics = Metrics(store)
-        app.state.runner = Runner(store, settings, storage.source, storage.artifacts, app.state.metrics)
+        app.state.runner = Runner(store, settings, storage.source, storage.artifacts, checkpoints, app.state.metrics)
         app.state.runner.start()
         try:
             yield
@@ -329,6 +366,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="DPO fine-tuning microservice", version=__version__, lifespan=lifespan)
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

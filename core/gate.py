@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from core import errors
 from core.auth import HEADER, Macs, parse_header
 from core.errors import ServiceError
+from core.store import StoreUnavailable
 
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 ACCEPTED_ONCE = frozenset({"/trigger-finetune"})
@@ -48,7 +49,7 @@ class Gate:
         try:
             body = await self._admit(scope, receive)
         except ServiceError as err:
-            return await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+            return await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
         if body is _GONE:
             return
         await self.app(scope, receive if body is None else _replay(body, receive), send)
@@ -76,7 +77,16 @@ class Gate:
         # other POST, cancel, has the same effect however often it is sent.
         if scope["method"] == "POST" and scope["path"] in ACCEPTED_ONCE and self.remember is not None:
             key = headers.get("idempotency-key", "")
-            if not await asyncio.to_thread(self.remember, mac, t + self.tolerance, key):
+            try:
+                fresh = await asyncio.to_thread(self.remember, mac, t + self.tolerance, key)
+            except StoreUnavailable as err:  # the replay check needs the (shared) store
+                raise ServiceError(
+                    503,
+                    "store_unavailable",
+                    f"the job store is unavailable ({err}); retry",
+                    headers={"Retry-After": "5"},
+                ) from None
+            if not fresh:
                 raise ServiceError(401, "unauthorized", errors.REPLAYED_SIGNATURE)
         scope[VERIFIED] = True
         return body

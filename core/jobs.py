@@ -1,14 +1,33 @@
-"""A durable job store: SQLite in WAL mode, one row per job plus an ordered event log."""
+"""The embedded job store: SQLite in WAL mode, one row per job plus an ordered event log (one replica)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from core.store import (
+    CANCELLED_QUEUED,
+    FINAL,
+    TAKEN_OVER,
+    ActiveJobConflict,
+    BadCursor,
+    Finish,
+    IdempotencyConflict,
+    Job,
+    JobFinished,
+    NewJob,
+    QueueFull,
+    Renewal,
+    finish_event,
+)
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -34,7 +53,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_type      TEXT,
     error_message   TEXT,
     runner          TEXT,
-    attempts        INTEGER NOT NULL DEFAULT 0  -- restarts after an interruption
+    attempts        INTEGER NOT NULL DEFAULT 0, -- take-overs after an interruption
+    lease_owner     TEXT,                       -- the worker running it (core/store.py)
+    lease_until     REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_community ON jobs (community_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
@@ -62,41 +84,23 @@ CREATE TABLE IF NOT EXISTS seen_signatures (  -- signed triggers within the sign
 CREATE INDEX IF NOT EXISTS seen_signatures_by_expiry ON seen_signatures (expires_at);
 """
 
-FINAL = ("succeeded", "failed", "cancelled")
+JOB_FIELDS = frozenset(Job.__dataclass_fields__)
 
 
-class ActiveJobConflict(Exception):
-    """The community already has a queued or running job (`job_id`)."""
-
-    def __init__(self, job_id: str):
-        super().__init__(job_id)
-        self.job_id = job_id
-
-
-class QueueFull(Exception):
-    pass
-
-
-class IdempotencyConflict(Exception):
-    """The key exists with another body; `job_id` is the job it belongs to."""
-
-    def __init__(self, job_id: str):
-        super().__init__(job_id)
-        self.job_id = job_id
-
-
-def _row_to_job(row: sqlite3.Row) -> dict[str, Any]:
-    job = dict(row)
+def _row_to_job(row: sqlite3.Row) -> Job:
+    data = {k: row[k] for k in row.keys() if k in JOB_FIELDS}
     for key in ("progress", "metrics", "final_eval", "config"):
-        job[key] = json.loads(job[key]) if job[key] else {}
-    job["artifact_files"] = json.loads(job["artifact_files"]) if job["artifact_files"] else None
-    job.pop("dataset", None)
-    return job
+        data[key] = json.loads(data[key]) if data[key] else {}
+    data["artifact_files"] = json.loads(data["artifact_files"]) if data["artifact_files"] else None
+    data["cancel_requested"] = bool(data["cancel_requested"])
+    return Job(**data)
 
 
-class JobStore:
+class SqliteJobStore:
     """Thread-safe: one connection, one lock. Every state change is a single conditional UPDATE,
     so a cancel and a worker can never both win."""
+
+    shared = False  # one replica: whatever it left running when it stopped is its own to resume
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +117,14 @@ class JobStore:
     def _migrate(self) -> None:
         """Columns added after the first release (stores created by older versions lack them)."""
         columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "attempts" not in columns:
-            self._db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+        for column, kind in (
+            ("attempts", "INTEGER NOT NULL DEFAULT 0"),
+            ("lease_owner", "TEXT"),
+            ("lease_until", "REAL"),
+            ("cancel_requested", "INTEGER NOT NULL DEFAULT 0"),
+        ):
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         seen = {row["name"] for row in self._db.execute("PRAGMA table_info(seen_signatures)")}
         if "idem_key" not in seen:
             self._db.execute("ALTER TABLE seen_signatures ADD COLUMN idem_key TEXT NOT NULL DEFAULT ''")
@@ -127,7 +137,7 @@ class JobStore:
             try:
                 callback(job_id, state_change)
             except Exception:  # a listener must never break the store
-                pass
+                log.exception("job store listener failed for job %s", job_id)
 
     def close(self) -> None:
         with self._lock:
@@ -138,69 +148,59 @@ class JobStore:
             return self._db.execute(sql, args)
 
     # -- creating and reading ------------------------------------------------------------
-    def create(
-        self,
-        community_id: str,
-        config: dict,
-        source: str,
-        dataset: list | None = None,
-        records: int | None = None,
-        callback_url: str | None = None,
-        idempotency_key: str | None = None,
-        body_sha256: str | None = None,
-        max_queued: int | None = None,
-        one_per_community: bool = False,
-        idempotency_ttl_s: float | None = None,
-    ) -> tuple[dict, bool]:
-        """Insert a queued job. Returns (job, created); an idempotent replay returns the existing job.
-        A key older than `idempotency_ttl_s` is released: the request makes a new job.
-
-        All checks and the insert happen under one lock, so concurrent triggers cannot both pass
+    def create(self, new: NewJob) -> tuple[Job, bool]:
+        """All checks and the insert happen under one lock, so concurrent triggers cannot both pass
         a limit or both create a job for one community or one key."""
         job_id = uuid.uuid4().hex
         now = time.time()
         with self._lock:
-            if idempotency_key is not None:
-                row = self._db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
-                if row is not None and idempotency_ttl_s is not None and row["created_at"] < now - idempotency_ttl_s:
+            if new.idempotency_key is not None:
+                row = self._db.execute(
+                    "SELECT * FROM jobs WHERE idempotency_key = ?", (new.idempotency_key,)
+                ).fetchone()
+                if (
+                    row is not None
+                    and new.idempotency_ttl_s is not None
+                    and row["created_at"] < now - new.idempotency_ttl_s
+                ):
                     self._db.execute("UPDATE jobs SET idempotency_key = NULL WHERE id = ?", (row["id"],))
                     row = None
                 if row is not None:
-                    if row["body_sha256"] != body_sha256:
+                    if row["body_sha256"] != new.body_sha256:
                         raise IdempotencyConflict(row["id"])
                     return _row_to_job(row), False
-            if one_per_community:
+            if new.one_per_community:
                 row = self._db.execute(
                     "SELECT id FROM jobs WHERE community_id = ? AND status IN ('queued', 'running') LIMIT 1",
-                    (community_id,),
+                    (new.community_id,),
                 ).fetchone()
                 if row is not None:
                     raise ActiveJobConflict(row["id"])
-            if max_queued is not None:
+            if new.max_queued is not None:
                 queued = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
-                if queued >= max_queued:
+                if queued >= new.max_queued:
                     raise QueueFull()
             self._db.execute(
                 "INSERT INTO jobs (id, community_id, status, created_at, source, dataset, records, config, callback_url,"
                 " idempotency_key, body_sha256) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
-                    community_id,
+                    new.community_id,
                     now,
-                    source,
-                    None if dataset is None else json.dumps(dataset),
-                    records,
-                    json.dumps(config),
-                    callback_url,
-                    idempotency_key,
-                    body_sha256,
+                    new.source,
+                    None if new.dataset is None else json.dumps(new.dataset),
+                    None if new.dataset is None else len(new.dataset),
+                    json.dumps(new.config),
+                    new.callback_url,
+                    new.idempotency_key,
+                    new.body_sha256,
                 ),
             )
             self._add_event(job_id, "state", {"status": "queued"})
         self._changed(job_id)
         return self.get(job_id), True
 
-    def get(self, job_id: str) -> dict | None:
+    def get(self, job_id: str) -> Job | None:
         row = self._exec("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_job(row) if row else None
 
@@ -209,9 +209,9 @@ class JobStore:
         return json.loads(row["dataset"]) if row and row["dataset"] else None
 
     def list(
-        self, community_id: str | None = None, status: str | None = None, limit: int = 50, cursor: int | None = None
-    ):
-        """Newest first. Returns (jobs, next_cursor); the cursor is the last row's sequence number."""
+        self, community_id: str | None = None, status: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[Job], str | None]:
+        """Newest first. The cursor is the last row's sequence number."""
         where, args = [], []
         if community_id:
             where.append("community_id = ?")
@@ -220,111 +220,129 @@ class JobStore:
             where.append("status = ?")
             args.append(status)
         if cursor is not None:
+            if not cursor.isdigit() or len(cursor) > 18:
+                raise BadCursor(cursor)
             where.append("seq < ?")
-            args.append(cursor)
+            args.append(int(cursor))
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq DESC LIMIT ?"
         rows = self._exec(sql, (*args, limit + 1)).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        return [_row_to_job(r) for r in rows], (rows[-1]["seq"] if more else None)
+        return [_row_to_job(r) for r in rows], (str(rows[-1]["seq"]) if more else None)
 
     def counts_by_status(self) -> dict[str, int]:
         rows = self._exec("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
         return {r["status"]: r["n"] for r in rows}
 
-    # -- state changes -------------------------------------------------------------------
-    def claim_next(self, runner: str) -> dict | None:
-        """Oldest queued job -> running, atomically. None when the queue is empty."""
+    # -- the lease -----------------------------------------------------------------------
+    def claim_next(self, owner: str, lease_s: float, runner: str) -> Job | None:
+        now = time.time()
         with self._lock:
-            row = self._db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            row = (
+                self._db.execute(
+                    "SELECT id, status FROM jobs WHERE status = 'running' AND lease_until < ? ORDER BY seq LIMIT 1",
+                    (now,),
+                ).fetchone()
+                or self._db.execute(
+                    "SELECT id, status FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1"
+                ).fetchone()
+            )
             if row is None:
                 return None
+            taken_over = row["status"] == "running"
             self._db.execute(
-                "UPDATE jobs SET status = 'running', started_at = ?, runner = ? WHERE id = ? AND status = 'queued'",
-                (time.time(), runner, row["id"]),
+                "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?), runner = ?, lease_owner = ?,"
+                " lease_until = ?, attempts = attempts + ? WHERE id = ?",
+                (now, runner, owner, now + lease_s, 1 if taken_over else 0, row["id"]),
             )
-            self._add_event(row["id"], "state", {"status": "running"})
+            event = {"status": "running", "owner": owner}
+            if taken_over:
+                event["reason"] = TAKEN_OVER
+            self._add_event(row["id"], "state", event)
         self._changed(row["id"])
         return self.get(row["id"])
 
-    def cancel_if_queued(self, job_id: str) -> bool:
+    def renew(self, job_id: str, owner: str, lease_s: float) -> Renewal:
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET lease_until = ? WHERE id = ? AND status = 'running' AND lease_owner = ?",
+                (time.time() + lease_s, job_id, owner),
+            )
+            if not cur.rowcount:
+                return Renewal(held=False)
+            row = self._db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Renewal(held=True, cancel_requested=bool(row["cancel_requested"]))
+
+    def release_leases(self) -> int:
+        return self._exec("UPDATE jobs SET lease_until = 0 WHERE status = 'running'").rowcount
+
+    # -- state changes -------------------------------------------------------------------
+    def request_cancel(self, job_id: str) -> Job | None:
         with self._lock:
             cur = self._db.execute(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?, dataset = NULL,"
-                " error_type = 'cancelled', error_message = 'cancelled before it started'"
-                " WHERE id = ? AND status = 'queued'",
-                (time.time(), job_id),
+                " error_type = 'cancelled', error_message = ? WHERE id = ? AND status = 'queued'",
+                (time.time(), CANCELLED_QUEUED, job_id),
             )
             if cur.rowcount:
                 self._add_event(job_id, "state", {"status": "cancelled"})
-        if cur.rowcount:
-            self._changed(job_id)
-        return cur.rowcount == 1
+            else:
+                job = self.get(job_id)
+                if job is None:
+                    return None
+                if job.status in FINAL:
+                    raise JobFinished(job.status)
+                if not job.cancel_requested:
+                    self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                    self._add_event(job_id, "cancel_requested", {})
+        self._changed(job_id, state_change=bool(cur.rowcount))
+        return self.get(job_id)
 
-    def set_progress(self, job_id: str, progress: dict, metrics: dict | None = None) -> None:
-        if metrics is None:
-            self._exec("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
-        else:
-            self._exec(
-                "UPDATE jobs SET progress = ?, metrics = ? WHERE id = ?",
-                (json.dumps(progress), json.dumps(metrics), job_id),
-            )
+    def set_progress(self, job_id: str, progress: dict, metrics: dict) -> None:
+        self._exec(
+            "UPDATE jobs SET progress = ?, metrics = ? WHERE id = ?",
+            (json.dumps(progress), json.dumps(metrics), job_id),
+        )
         self._changed(job_id, state_change=False)
 
-    def finish(
-        self,
-        job_id: str,
-        status: str,
-        *,
-        error_type: str | None = None,
-        error_message: str | None = None,
-        final_eval: dict | None = None,
-        metrics: dict | None = None,
-        artifact_uri: str | None = None,
-        artifact_files: list[str] | None = None,
-        records: int | None = None,
-    ) -> dict:
-        """running -> a final state (only from running, so a finished job never changes again)."""
-        assert status in FINAL
+    def finish(self, job_id: str, owner: str, result: Finish) -> Job | None:
+        assert result.status in FINAL
         with self._lock:
             sets = ["status = ?", "finished_at = ?", "dataset = NULL", "error_type = ?", "error_message = ?"]
-            args: list[Any] = [status, time.time(), error_type, error_message]
-            for column, value in (
-                ("final_eval", final_eval),
-                ("metrics", metrics),
-                ("artifact_files", artifact_files),
-            ):
+            sets += ["lease_owner = NULL", "lease_until = NULL"]
+            args: list[Any] = [result.status, time.time(), result.error_type, result.error_message]
+            for column in ("final_eval", "metrics", "artifact_files"):
+                value = getattr(result, column)
                 if value is not None:
                     sets.append(f"{column} = ?")
                     args.append(json.dumps(value))
-            for column, value in (("artifact_uri", artifact_uri), ("records", records)):
+            for column in ("artifact_uri", "records"):
+                value = getattr(result, column)
                 if value is not None:
                     sets.append(f"{column} = ?")
                     args.append(value)
-            self._db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND status = 'running'", (*args, job_id))
-            data = {"status": status}
-            if error_type:
-                data["error"] = {"type": error_type, "message": error_message}
-            self._add_event(job_id, "state", data)
+            cur = self._db.execute(
+                f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND status = 'running' AND lease_owner = ?",
+                (*args, job_id, owner),
+            )
+            if not cur.rowcount:
+                return None
+            self._add_event(job_id, "state", finish_event(result))
         self._changed(job_id)
         return self.get(job_id)
 
-    def requeue(self, job_id: str, reason: str, count_attempt: bool = False) -> bool:
-        """running -> queued (to resume after a shutdown or a crash)."""
+    def requeue(self, job_id: str, owner: str, reason: str) -> bool:
         with self._lock:
             cur = self._db.execute(
-                "UPDATE jobs SET status = 'queued', attempts = attempts + ? WHERE id = ? AND status = 'running'",
-                (1 if count_attempt else 0, job_id),
+                "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL"
+                " WHERE id = ? AND status = 'running' AND lease_owner = ?",
+                (job_id, owner),
             )
             if cur.rowcount:
                 self._add_event(job_id, "state", {"status": "queued", "reason": reason})
         if cur.rowcount:
             self._changed(job_id)
         return cur.rowcount == 1
-
-    def running_jobs(self) -> list[dict]:
-        rows = self._exec("SELECT * FROM jobs WHERE status = 'running' ORDER BY seq").fetchall()
-        return [{**_row_to_job(r), "attempts": r["attempts"]} for r in rows]
 
     # -- events --------------------------------------------------------------------------
     def _add_event(self, job_id: str, kind: str, data: dict) -> None:
@@ -364,7 +382,7 @@ class JobStore:
             (state, next_at, job_id),
         )
 
-    def finished_without_callback(self) -> list[dict]:
+    def finished_without_callback(self) -> list[Job]:
         """Finished jobs with a callback URL whose callback was never queued (a crash between
         the two writes): queued again on start."""
         rows = self._exec(
@@ -389,12 +407,12 @@ class JobStore:
                 return True
         return bool(idempotency_key) and row["idem_key"] == idempotency_key
 
-    def writable(self) -> bool:
+    def check(self) -> str | None:
         """For /ready: a write transaction that commits nothing."""
         try:
             with self._lock:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute("ROLLBACK")
-            return True
+            return None
         except sqlite3.Error:
-            return False
+            return "not writable"

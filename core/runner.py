@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from core.callbacks import CallbackSender
 from core.errors import JOB_FINISHED, JOB_NOT_FOUND, ServiceError
 from core.schemas import job_view
+from core.store import Finish, Job, JobFinished, replica_id
 from storage.base import SourceError, StorageError
 from training.config import REPO_ROOT, compose_config, literal
 from training.records import RecordError, normalise_records
@@ -34,6 +35,8 @@ from training.records import RecordError, normalise_records
 log = logging.getLogger(__name__)
 STARTUP_ALLOWANCE_S = 120  # a trainer subprocess's first line may take this long (imports, model load)
 EXITED_GRACE_S = 5  # a trainer that exited but whose pipe stays open (a leftover child) is ended after this
+MAX_ATTEMPTS = 3  # take-overs after a crash before a job is failed 'interrupted' (with a checkpoint)
+SHUTDOWN_REQUEUE = "stopped by a server shutdown; resumes from its checkpoint on the next worker"
 HELDOUT_REGRESSED = (
     "held-out metrics got worse during training (higher loss or lower reward margin than the initial"
     " model): the data may be inconsistent, or the learning rate too high; final_eval has eval/regressed"
@@ -46,6 +49,10 @@ class Stopped(Exception):
 
 class SubprocessDataError(Exception):
     """The training subprocess refused the data (its message names the record)."""
+
+
+class Interrupted(Exception):
+    """The job's earlier runs were interrupted too often to try again."""
 
 
 class InProcessUnavailable(Exception):
@@ -70,7 +77,10 @@ def load_inprocess_trainer():
 
 
 class Runner:
-    def __init__(self, store, settings, source, artifacts, metrics=None):
+    """The workers of one replica. Each job it runs is held under a lease in the job store
+    (core/store.py), renewed by a keeper thread that also brings cancels made on other replicas."""
+
+    def __init__(self, store, settings, source, artifacts, checkpoints, metrics=None):
         self.store, self.settings, self.source, self.artifacts, self.metrics = (
             store,
             settings,
@@ -78,10 +88,15 @@ class Runner:
             artifacts,
             metrics,
         )
+        self.checkpoints = checkpoints  # storage/checkpoints.py: local, or shared through Cloud Storage
         self.mode = settings.runner_mode  # auto | inprocess | subprocess
+        self.owner = replica_id()  # this replica's name on the leases it holds
+        self.lease_s = settings.job_lease_s
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._stop_requests: dict[str, str] = {}  # job id -> "cancel" | "shutdown" | "timeout" | "stalled"
+        self._keeper_done = threading.Event()
+        # job id -> "cancel" | "shutdown" | "timeout" | "stalled" | "lease_lost"
+        self._stop_requests: dict[str, str] = {}
         self._procs: dict[str, subprocess.Popen] = {}
         self._started: dict[str, float] = {}  # job id -> monotonic start, for the wall-clock timeout
         self._heard: dict[str, float] = {}  # job id -> monotonic time of the trainer subprocess's last line
@@ -95,44 +110,41 @@ class Runner:
         self.settings.work_root.mkdir(parents=True, exist_ok=True)
         for name in os.listdir(self.settings.work_root):  # leftovers of a crash
             shutil.rmtree(self.settings.work_root / name, ignore_errors=True)
-        self.recover()
+        if not self.store.shared:  # one replica: what its previous process left running is an orphan now
+            released = self.store.release_leases()
+            if released:
+                log.warning("%d job(s) were left running by a previous server: they resume or restart", released)
         for job in self.store.finished_without_callback():  # a crash came between finishing and queueing it
-            self.store.enqueue_callback(job["id"], job["callback_url"], json.dumps(job_view(job)))
+            self.store.enqueue_callback(job.id, job.callback_url, json.dumps(job_view(job)))
         self.callbacks.start()
         for i in range(self.settings.max_concurrent_jobs):
             thread = threading.Thread(target=self._worker, name=f"dpo-worker-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        self._keeper = threading.Thread(target=self._keep_leases, name="dpo-lease-keeper", daemon=True)
+        self._keeper.start()
 
-    def checkpoint_dir(self, job_id: str) -> Path:
-        return self.settings.checkpoint_root / job_id
-
-    def recover(self) -> dict[str, str]:
-        """Jobs a crash left 'running': resume from their checkpoint; without one, run again once;
-        the second time, fail them 'interrupted'. Returns {job id: what happened}."""
-        outcome = {}
-        for job in self.store.running_jobs():
-            job_id = job["id"]
-            if (self.checkpoint_dir(job_id) / "checkpoint").exists():
-                self.store.requeue(job_id, "resuming from its last checkpoint after a restart", count_attempt=True)
-                outcome[job_id] = "resume"
-            elif job["attempts"] < 1:
-                self.store.requeue(
-                    job_id, "restarting from the beginning after a restart (no checkpoint)", count_attempt=True
-                )
-                outcome[job_id] = "restart"
-            else:
-                self.store.finish(
-                    job_id,
-                    "failed",
-                    error_type="interrupted",
-                    error_message="the server stopped while this job was running, again; not retried",
-                )
-                shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)
-                outcome[job_id] = "failed"
-        for job_id, what in outcome.items():
-            log.warning("job %s was left running by a previous server: %s", job_id, what)
-        return outcome
+    def _keep_leases(self) -> None:
+        """Renew the lease of every job this replica runs, several times per lease; a lease lost
+        (taken over after a long stall) or a cancel asked through any replica stops the job at
+        its next step."""
+        tick = max(0.2, min(2.0, self.lease_s / 6))
+        failing = False
+        while not self._keeper_done.wait(tick):
+            with self._lock:
+                running = list(self._started)
+            for job_id in running:
+                try:
+                    renewal = self.store.renew(job_id, self.owner, self.lease_s)
+                except Exception as err:  # the store is unreachable: keep training, try again next tick
+                    if not failing:
+                        log.warning("could not renew the lease of job %s: %s", job_id, err)
+                    failing = True
+                    continue
+                failing = False
+                if not renewal.held or renewal.cancel_requested:
+                    with self._lock:
+                        self._stop_requests.setdefault(job_id, "cancel" if renewal.held else "lease_lost")
 
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
@@ -157,6 +169,7 @@ class Runner:
             procs = list(self._procs.values())
         for proc in procs:  # never leave a trainer behind
             signal_group(proc, signal.SIGKILL)
+        self._keeper_done.set()
         self.callbacks.stop()
 
     @property
@@ -164,22 +177,21 @@ class Runner:
         return self._stopping.is_set()
 
     # -- cancel --------------------------------------------------------------------------
-    def cancel(self, job_id: str) -> dict:
-        if self.store.cancel_if_queued(job_id):
-            shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)  # one left by a shutdown, if any
-            return self.store.get(job_id)
-        job = self.store.get(job_id)
+    def cancel(self, job_id: str) -> Job:
+        """A queued job ends now; a running one stops at its next step, wherever it runs (this
+        replica at once, another one at its next lease renewal)."""
+        try:
+            job = self.store.request_cancel(job_id)
+        except JobFinished as err:
+            raise ServiceError(409, "conflict", JOB_FINISHED.format(status=err.status)) from None
         if job is None:
             raise ServiceError(404, "not_found", JOB_NOT_FOUND)
-        if job["status"] != "running":
-            raise ServiceError(409, "conflict", JOB_FINISHED.format(status=job["status"]))
+        if job.status == "cancelled":
+            self.checkpoints.remove(job_id)  # one left by a shutdown, if any
         with self._lock:
-            self._stop_requests[job_id] = "cancel"
-            proc = self._procs.get(job_id)
-        if proc is not None:
-            signal_group(proc, signal.SIGTERM)
-        self.store.add_event(job_id, "cancel_requested", {})
-        return self.store.get(job_id)
+            if job_id in self._started:
+                self._stop_requests[job_id] = "cancel"
+        return job
 
     def _should_stop(self, job_id: str) -> bool:
         """Checked at every step boundary (and by the subprocess watcher): a cancel, a shutdown,
@@ -201,7 +213,7 @@ class Runner:
     def _worker(self) -> None:
         while not self._stopping.is_set():
             try:
-                job = self.store.claim_next(runner=self.mode)
+                job = self.store.claim_next(self.owner, self.lease_s, runner=self.mode)
             except Exception:  # the store is unreachable: keep the worker alive and retry
                 log.exception("could not claim a job")
                 job = None
@@ -211,78 +223,123 @@ class Runner:
                 continue
             self._run(job)
 
-    def _run(self, job: dict) -> None:
-        job_id = job["id"]
+    def _run(self, job: Job) -> None:
+        job_id = job.id
         work = self.settings.work_root / job_id
         work.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            self._started[job_id] = time.monotonic()
+            self._started[job_id] = time.monotonic()  # from here the keeper renews its lease
             if self._stopping.is_set():  # claimed just as a shutdown began: stop it at once
                 self._stop_requests.setdefault(job_id, "shutdown")
         started = time.time()
-        outcome: dict = {}
+        reason = None
         try:
-            outcome = self._execute(job, work)
-        except Stopped:
-            reason = self._stop_requests.get(job_id)
-            if reason == "cancel":
-                outcome = {"status": "cancelled", "error_type": "cancelled", "error_message": "cancelled while running"}
-            elif reason == "timeout":
-                limit = self.settings.job_timeout_s
-                outcome = {
-                    "status": "failed",
-                    "error_type": "timeout",
-                    "error_message": f"ran longer than DPO_JOB_TIMEOUT_S ({limit:g} s); training stopped",
-                }
-            elif reason == "stalled":
-                limit = self.settings.job_stall_s
-                outcome = {
-                    "status": "failed",
-                    "error_type": "stalled",
-                    "error_message": f"the trainer printed nothing for DPO_JOB_STALL_S ({limit:g} s); it was stopped",
-                }
-            else:  # shutdown: back to the queue; the checkpoint just written lets the next start resume it
-                outcome = {"status": "queued"}
-        except SourceError as err:
-            outcome = {"status": "failed", "error_type": "source_error", "error_message": str(err)}
-        except (RecordError, SubprocessDataError) as err:
-            outcome = {"status": "failed", "error_type": "invalid_data", "error_message": str(err)}
-        except StorageError as err:
-            outcome = {"status": "failed", "error_type": "storage_error", "error_message": str(err)}
-        except Exception as err:
-            log.exception("job %s failed", job_id)
-            outcome = {
-                "status": "failed",
-                "error_type": "training_error",
-                "error_message": f"{type(err).__name__}: {err}"[:2000],
-            }
+            try:
+                result = self._execute(job, work)
+            except Stopped:
+                reason = self._stop_requests.get(job_id)
+                result = self._stopped(reason)
+            except Interrupted as err:
+                result = Finish("failed", error_type="interrupted", error_message=str(err))
+            except SourceError as err:
+                result = Finish("failed", error_type="source_error", error_message=str(err))
+            except (RecordError, SubprocessDataError) as err:
+                result = Finish("failed", error_type="invalid_data", error_message=str(err))
+            except StorageError as err:
+                result = Finish("failed", error_type="storage_error", error_message=str(err))
+            except Exception as err:
+                log.exception("job %s failed", job_id)
+                message = f"{type(err).__name__}: {err}"[:2000]
+                result = Finish("failed", error_type="training_error", error_message=message)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            self._record(job, result, reason, started)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
             with self._lock:
                 self._stop_requests.pop(job_id, None)
                 self._procs.pop(job_id, None)
-                self._started.pop(job_id, None)
+                self._started.pop(job_id, None)  # the keeper stops renewing
                 self._heard.pop(job_id, None)
-        status = outcome.pop("status")
-        if status == "queued":
-            self.store.requeue(job_id, "stopped by a server shutdown; resumes from its checkpoint on the next start")
+
+    def _stopped(self, reason: str | None) -> Finish | None:
+        """How a job stopped at a step boundary ends; None: it is not ours to end (a shutdown
+        re-queues it, a lost lease means another worker runs it now)."""
+        if reason == "cancel":
+            return Finish("cancelled", error_type="cancelled", error_message="cancelled while running")
+        if reason == "timeout":
+            limit = self.settings.job_timeout_s
+            message = f"ran longer than DPO_JOB_TIMEOUT_S ({limit:g} s); training stopped"
+            return Finish("failed", error_type="timeout", error_message=message)
+        if reason == "stalled":
+            limit = self.settings.job_stall_s
+            message = f"the trainer printed nothing for DPO_JOB_STALL_S ({limit:g} s); it was stopped"
+            return Finish("failed", error_type="stalled", error_message=message)
+        return None
+
+    def _record(self, job: Job, result: Finish | None, reason: str | None, started: float) -> None:
+        """Write the job's end (or its return to the queue) to the store, then its callback."""
+        job_id = job.id
+        if result is None and reason == "lease_lost":
+            log.warning("job %s: its lease was taken over by another worker; this run is dropped", job_id)
+            shutil.rmtree(self.checkpoints.directory(job_id), ignore_errors=True)  # the shared copy stays
             return
-        shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)
-        final = self.store.finish(job_id, status, **outcome)
+        if result is None:  # shutdown: the checkpoint just written lets the next worker resume it
+            self._retry_store(lambda: self.store.requeue(job_id, self.owner, SHUTDOWN_REQUEUE))
+            return
+        final = self._retry_store(lambda: self.store.finish(job_id, self.owner, result))
+        if final is None:
+            log.warning("job %s ended (%s) after another worker took it over; not recorded", job_id, result.status)
+            return
+        self.checkpoints.remove(job_id)
         if self.metrics is not None:
-            self.metrics.job_duration.labels(status).observe(time.time() - started)
-            self.metrics.jobs_finished.labels(status).inc()
-        if job.get("callback_url"):
-            self.store.enqueue_callback(job_id, job["callback_url"], json.dumps(job_view(final)))
+            self.metrics.job_duration.labels(result.status).observe(time.time() - started)
+            self.metrics.jobs_finished.labels(result.status).inc()
+        if job.callback_url:
+            self._retry_store(
+                lambda: self.store.enqueue_callback(job_id, job.callback_url, json.dumps(job_view(final)))
+            )
             self.callbacks.notify()
 
-    def _execute(self, job: dict, work: Path) -> dict:
-        job_id, community = job["id"], job["community_id"]
-        if job["source"] == "inline":
+    def _retry_store(self, write):
+        """A store write that must not be lost to a short outage: retried with backoff for up to
+        twice the lease (past that, another replica may take the job over anyway)."""
+        deadline, delay = time.monotonic() + max(30.0, 2 * self.lease_s), 0.5
+        while True:
+            try:
+                return write()
+            except Exception as err:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("job store write failed (%s); retrying in %.1f s", err, delay)
+                time.sleep(delay)
+                delay = min(10.0, delay * 2)
+
+    def _resume_or_restart(self, job: Job) -> None:
+        """Bring the job's latest checkpoint here (a shutdown or a crash may have left one, on
+        any replica); after a crash, resume from it or, without one, restart once."""
+        has_checkpoint = self.checkpoints.fetch(job.id)
+        if not job.attempts:
+            return
+        if job.attempts > MAX_ATTEMPTS or (not has_checkpoint and job.attempts > 1):
+            raise Interrupted(
+                f"its worker stopped while it ran ({job.attempts} times: a crash or a lost replica); not retried"
+            )
+        reason = (
+            f"resuming from its last checkpoint after an interruption (attempt {job.attempts + 1})"
+            if has_checkpoint
+            else "restarting from the beginning after an interruption (no checkpoint)"
+        )
+        log.warning("job %s: %s", job.id, reason)
+        self.store.add_event(job.id, "state", {"status": "running", "reason": reason})
+
+    def _execute(self, job: Job, work: Path) -> Finish:
+        job_id, community = job.id, job.community_id
+        self._resume_or_restart(job)
+        if job.source == "inline":
             records = self.store.dataset(job_id) or []
             ids = None
         else:
-            options = job["config"].get("source_options") or {}
+            options = job.config.get("source_options") or {}
             since = datetime.fromisoformat(options["since"]) if options.get("since") else None
             if since is not None and since.tzinfo is None:
                 since = since.replace(tzinfo=UTC)  # a naive time means UTC
@@ -295,17 +352,15 @@ class Runner:
         # bad data fails here, in either mode, naming the record (or document)
         pairs, _ = normalise_records(records, ids=ids, max_chars=self.settings.max_field_chars)
         self.store.add_event(job_id, "data", {"records": len(records), "pairs": len(pairs)})
-        overrides = job["config"]
+        resolved = job.config  # model, loss and values resolved at the trigger
         values = {
-            **overrides.get("values", {}),
-            "train.checkpoint_dir": str(self.checkpoint_dir(job_id)),  # resumes from it when one is there
+            **resolved.get("values", {}),
+            "train.checkpoint_dir": str(self.checkpoints.directory(job_id)),  # resumes from it when one is there
             "train.checkpoint_every": self.settings.checkpoint_every,
         }
-        cfg = compose_config(
-            overrides.get("model") or "tiny", overrides.get("loss") or "dpo", values
-        )  # set at the trigger
+        cfg = compose_config(resolved.get("model") or "tiny", resolved.get("loss") or "dpo", values)
         out_dir = work / "output"
-        progress = ProgressRecorder(self.store, job_id, self.metrics)
+        progress = ProgressRecorder(self.store, job_id, self.metrics, on_checkpoint=self._publish_checkpoint)
 
         result = None
         if self.mode != "subprocess":
@@ -326,18 +381,33 @@ class Runner:
 
         if self._should_stop(job_id):
             raise Stopped()
+        if not self.store.renew(job_id, self.owner, self.lease_s).held:  # one artifact per job: the owner's
+            with self._lock:
+                self._stop_requests.setdefault(job_id, "lease_lost")
+            raise Stopped()
         final_eval = result.get("final_eval", {})
         if final_eval.get("eval/regressed"):
             self.store.add_event(job_id, "warning", {"message": HELDOUT_REGRESSED})
         stored = self.artifacts.save(out_dir, community, job_id, manifest_extra={"final_eval": final_eval})
-        return {
-            "status": "succeeded",
-            "final_eval": final_eval,
-            "artifact_uri": stored.uri,
-            "artifact_files": stored.files,
-            "records": len(records),
-            "metrics": result.get("final_train", {}),
-        }
+        return Finish(
+            "succeeded",
+            final_eval=final_eval,
+            artifact_uri=stored.uri,
+            artifact_files=stored.files,
+            records=len(records),
+            metrics=result.get("final_train", {}),
+        )
+
+    def _publish_checkpoint(self, job_id: str, step: int) -> None:
+        """The trainer wrote a checkpoint: copy it where the job's next worker looks (a shared
+        store). A failed copy is a warning; the job goes on."""
+        try:
+            self.checkpoints.publish(job_id, step)
+        except Exception as err:
+            log.warning("job %s: checkpoint of step %d not copied: %s", job_id, step, err)
+            self.store.add_event(job_id, "warning", {"message": f"checkpoint of step {step} not copied: {err}"[:500]})
+            return
+        self.store.add_event(job_id, "checkpoint", {"step": step})
 
     def _train_inprocess(self, run_training, cancelled_type, cfg, records, ids, out_dir, progress, job_id) -> dict:
         try:
@@ -473,14 +543,19 @@ class Runner:
 class ProgressRecorder:
     """Training progress events -> the job row (every step) and the event log (throttled)."""
 
-    def __init__(self, store, job_id: str, metrics=None, event_interval_s: float = 1.0):
+    def __init__(self, store, job_id: str, metrics=None, event_interval_s: float = 1.0, on_checkpoint=None):
         self.store, self.job_id, self.metrics, self.interval = store, job_id, metrics, event_interval_s
+        self.on_checkpoint = on_checkpoint  # (job id, step): a checkpoint was just written
         self.started = time.time()
         self.last_event = 0.0
         self.steps_seen = 0
 
     def __call__(self, event: dict) -> None:
         step, total = event.get("step", 0), event.get("total_steps") or 0
+        if event["kind"] == "checkpoint":
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.job_id, step)
+            return
         if event["kind"] != "step":  # eval, resumed, layout, warning: one event each, as sent
             data = event["metrics"] if event["kind"] == "eval" else {k: v for k, v in event.items() if k != "kind"}
             self.store.add_event(self.job_id, event["kind"], data)

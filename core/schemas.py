@@ -7,12 +7,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.store import FINAL, Job
 from training.config import available
 
 COMMUNITY_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+FINAL_STATES = FINAL
 
 
 class TrainOverrides(BaseModel):
@@ -180,25 +181,24 @@ class Readiness(BaseModel):
     checks: dict[str, str]
 
 
-def job_view(job: dict) -> dict:
-    """A store row -> the JobView shape."""
-    artifact = {"uri": job["artifact_uri"], "files": job["artifact_files"] or []} if job.get("artifact_uri") else None
-    error = {"type": job["error_type"], "message": job["error_message"] or ""} if job.get("error_type") else None
-    progress = {"step": 0, "epoch": 0.0, "percent": 0.0, **job.get("progress", {})}
+def job_view(job: Job) -> dict:
+    """A store record -> the JobView shape (also the body of `dpo_jobs/{jobId}` in Firestore)."""
+    artifact = {"uri": job.artifact_uri, "files": job.artifact_files or []} if job.artifact_uri else None
+    error = {"type": job.error_type, "message": job.error_message or ""} if job.error_type else None
     return {
-        "job_id": job["id"],
-        "community_id": job["community_id"],
-        "status": job["status"],
-        "created_at": job["created_at"],
-        "started_at": job["started_at"],
-        "finished_at": job["finished_at"],
-        "progress": progress,
-        "metrics": job.get("metrics", {}),
-        "final_eval": job.get("final_eval", {}),
+        "job_id": job.id,
+        "community_id": job.community_id,
+        "status": job.status,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "progress": {"step": 0, "epoch": 0.0, "percent": 0.0, **job.progress},
+        "metrics": job.metrics,
+        "final_eval": job.final_eval,
         "artifact": artifact,
         "error": error,
-        "config": job.get("config", {}),
-        "source": job["source"],
-        "records": job.get("records"),
-        "runner": job.get("runner"),
+        "config": job.config,
+        "source": job.source,
+        "records": job.records,
+        "runner": job.runner,
     }

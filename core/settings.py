@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.config import available
@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     signature_tolerance_s: int = 300  # reject timestamps further than this from the server clock
 
     # Jobs
+    job_store: Literal["sqlite", "firestore"] = "sqlite"  # firestore: several replicas share one queue
+    job_lease_s: float = Field(30, ge=2)  # a worker renews its job's lease; expired: another worker takes the job
+    public_base_url: str | None = None  # what clients reach the service at (status_url), e.g. the load balancer
     data_dir: Path = Path("data")  # job store (jobs.sqlite3) and per-job working directories
     max_concurrent_jobs: int = Field(1, ge=1, le=64)  # one GPU runs one training at a time
     runner_mode: Literal["auto", "inprocess", "subprocess"] = "auto"
@@ -79,6 +82,15 @@ class Settings(BaseSettings):
         subprocess (started elsewhere) and a later chdir see the same places."""
         return None if value is None else value.expanduser().resolve()
 
+    @field_validator("public_base_url")
+    @classmethod
+    def _base_url(cls, value):
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL, e.g. https://dpo.example.com")
+        return value.rstrip("/")
+
     @field_validator("allowed_models", mode="before")
     @classmethod
     def _split_models(cls, value):
@@ -99,6 +111,15 @@ class Settings(BaseSettings):
         if value not in available("loss"):
             raise ValueError(f"expected one of {available('loss')}")
         return value
+
+    @model_validator(mode="after")
+    def _shared_store_needs_firebase(self):
+        if self.job_store == "firestore" and self.storage_backend != "firebase":
+            raise ValueError(
+                "DPO_JOB_STORE=firestore needs DPO_STORAGE_BACKEND=firebase: a job that moves to another"
+                " replica finds its dataset and checkpoints in Cloud Storage"
+            )
+        return self
 
     @property
     def webhook_secrets(self) -> list[str] | None:

@@ -18,7 +18,7 @@ import yaml
 from core.auth import HEADER, sign, verify
 from core.callbacks import sign_webhook
 from core.errors import BAD_SIGNATURE, CALLBACK_NEEDS_SECRET, REPLAYED_SIGNATURE, ServiceError
-from core.runner import HELDOUT_REGRESSED
+from core.runner import HELDOUT_REGRESSED, SHUTDOWN_REQUEUE
 from tests.service_helpers import FAST, wait_for
 from tools.serve import Server, free_port
 from tools.trigger import Client
@@ -387,25 +387,6 @@ def test_idempotency_key(client, toy):
     assert empty.status_code == 422 and empty.json()["error"]["field"] == "Idempotency-Key"
 
 
-def test_idempotency_keys_expire(tmp_path):
-    """DPO_IDEMPOTENCY_TTL_S: within it the key answers its job; after it the key makes a new job."""
-    from core.jobs import JobStore
-
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    try:
-        first, created = store.create("c", {}, "inline", idempotency_key="k", body_sha256="b", idempotency_ttl_s=60)
-        again, created_again = store.create(
-            "c", {}, "inline", idempotency_key="k", body_sha256="b", idempotency_ttl_s=60
-        )
-        assert created and not created_again and again["id"] == first["id"]
-        later, created_later = store.create(
-            "c", {}, "inline", idempotency_key="k", body_sha256="b", idempotency_ttl_s=0
-        )
-        assert created_later and later["id"] != first["id"]
-    finally:
-        store.close()
-
-
 def test_list_paginates_newest_first_and_filters(client, toy):
     ids = []
     for _ in range(3):  # one active job per community: each waits for the one before
@@ -612,7 +593,10 @@ def test_restart_after_a_crash_runs_the_job_again(tmp_path, toy):
         job = wait_for(client, job_id)
         states = [e["data"] for e in client.get(f"/jobs/{job_id}/events").json()["events"] if e["kind"] == "state"]
     assert job["status"] == "succeeded", job["error"]
-    assert {"status": "queued", "reason": "restarting from the beginning after a restart (no checkpoint)"} in states
+    assert {
+        "status": "running",
+        "reason": "restarting from the beginning after an interruption (no checkpoint)",
+    } in states
 
 
 def test_sigterm_checkpoints_the_running_job_and_the_next_start_resumes_it(tmp_path, toy):
@@ -631,7 +615,7 @@ def test_sigterm_checkpoints_the_running_job_and_the_next_start_resumes_it(tmp_p
         events = client.get(f"/jobs/{job_id}/events").json()["events"]
     assert job["status"] == "succeeded", job["error"]
     reasons = [e["data"].get("reason") for e in events if e["kind"] == "state"]
-    assert "stopped by a server shutdown; resumes from its checkpoint on the next start" in reasons
+    assert SHUTDOWN_REQUEUE in reasons
     assert [e["data"]["step"] for e in events if e["kind"] == "resumed"][0] >= 3
 
 

@@ -346,6 +346,7 @@ def train_policy(
         if checkpoint_dir is not None:
             position = {"epoch": epoch, "batches_done": batches_done, "generator_state": generator_state}
             save_checkpoint(checkpoint_dir, policy, optimizer, scheduler, state, position, precomputed, fingerprint)
+            emit({"kind": "checkpoint", "step": state.step, "total_steps": total})  # a shared store copies it now
 
     for epoch in range(start_epoch, tcfg.epochs):
         epoch_generator_state = generator.get_state()  # replaying it rebuilds this epoch's batches on resume

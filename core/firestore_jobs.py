@@ -1,0 +1,606 @@
+"""The shared job store: Firestore, for several replicas behind one load balancer.
+
+Documents (the collection name is DPO_FIRESTORE_JOBS_COLLECTION, `dpo_jobs` by default):
+- `dpo_jobs/{jobId}`: the job as GET /jobs/{id} shows it (what an app's snapshot listener reads),
+  plus the store's own fields: `leaseOwner`, `leaseUntil`, `attempts`, `cancelRequested`,
+  `eventSeq`, `callbackUrl` and the callback outbox (`callbackState`, ...).
+- `dpo_jobs/{jobId}/events/{seq}`: the event log, numbered in order by a counter in the job.
+- `dpo_jobs_active/{community}`: the community's active job (the one-job-per-community rule).
+- `dpo_jobs_keys/{sha256(key)}`: an Idempotency-Key and the job it made.
+- `dpo_jobs_signatures/{mac}`: triggers seen within the signature tolerance (replays refused);
+  `expiresAt` suits a Firestore TTL policy.
+- `dpo_jobs_datasets/{jobId}`: a queued inline dataset (JSON), or `datasets/{jobId}.json` in the
+  bucket when it is too large for a document. Removed when the job ends.
+
+Every change of a job's state is one transaction that also checks who may make it (a lease owner
+finishing, a cancel of a job still queued), so two replicas can never both win. Indexes the
+queries need outside the emulator: firestore.indexes.json.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from core.store import (
+    ACTIVE,
+    CANCELLED_QUEUED,
+    FINAL,
+    TAKEN_OVER,
+    ActiveJobConflict,
+    BadCursor,
+    Finish,
+    IdempotencyConflict,
+    Job,
+    JobFinished,
+    NewJob,
+    QueueFull,
+    Renewal,
+    StoreUnavailable,
+    finish_event,
+)
+
+log = logging.getLogger(__name__)
+INLINE_DATASET_BYTES = 900_000  # a Firestore document holds at most 1 MiB; larger datasets go to the bucket
+TIMEOUT_S = 10.0  # per call: a replica that lost Firestore answers 503 within this, it does not hang
+CONTENTION_S = 30.0  # a transaction that keeps losing to concurrent ones gives up (503) after this
+
+
+def to_document(job: Job) -> dict:
+    from core.schemas import job_view  # the view is the document body: one shape for the API and watchers
+
+    return {
+        **job_view(job),
+        "attempts": job.attempts,
+        "leaseOwner": job.lease_owner,
+        "leaseUntil": job.lease_until,
+        "cancelRequested": job.cancel_requested,
+        "callbackUrl": job.callback_url,
+        "updatedAt": time.time(),
+    }
+
+
+def from_document(doc: dict) -> Job:
+    artifact, error = doc.get("artifact") or {}, doc.get("error") or {}
+    return Job(
+        id=doc["job_id"],
+        community_id=doc["community_id"],
+        status=doc["status"],
+        created_at=doc["created_at"],
+        source=doc["source"],
+        config=doc.get("config") or {},
+        started_at=doc.get("started_at"),
+        finished_at=doc.get("finished_at"),
+        records=doc.get("records"),
+        callback_url=doc.get("callbackUrl"),
+        progress=doc.get("progress") or {},
+        metrics=doc.get("metrics") or {},
+        final_eval=doc.get("final_eval") or {},
+        artifact_uri=artifact.get("uri"),
+        artifact_files=artifact.get("files") if artifact else None,
+        error_type=error.get("type"),
+        error_message=error.get("message"),
+        runner=doc.get("runner"),
+        attempts=doc.get("attempts", 0),
+        lease_owner=doc.get("leaseOwner"),
+        lease_until=doc.get("leaseUntil"),
+        cancel_requested=bool(doc.get("cancelRequested")),
+    )
+
+
+def _unavailable(fn: Callable) -> Callable:
+    """Firestore transport errors -> StoreUnavailable (a 503 at the API, a retry in the runner)."""
+
+    def wrapped(*args, **kwargs):
+        from google.api_core import exceptions as gexc
+
+        try:
+            return fn(*args, **kwargs)
+        except (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.RetryError, gexc.InternalServerError) as err:
+            raise StoreUnavailable(f"Firestore unreachable: {type(err).__name__}") from err
+
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
+
+class FirestoreJobStore:
+    shared = True  # several replicas: jobs of a dead replica are taken over when their lease expires
+
+    def __init__(self, clients, collection: str = "dpo_jobs"):
+        self.clients = clients
+        self.db = clients.firestore()
+        self.jobs = self.db.collection(collection)
+        self.active = self.db.collection(f"{collection}_active")
+        self.keys = self.db.collection(f"{collection}_keys")
+        self.signatures = self.db.collection(f"{collection}_signatures")
+        self.datasets = self.db.collection(f"{collection}_datasets")
+        self._listeners: list = []
+        self._pending: dict[str, dict] = {}  # job id -> progress not yet written (sent with the next renewal)
+        self._lock = threading.Lock()
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _run(self, body: Callable):
+        """body(transaction) in a transaction; its result. A transaction that loses to a
+        concurrent one (many triggers for one community) is tried again after a random pause
+        that grows, so contenders spread out instead of colliding again."""
+        from google.api_core.exceptions import Aborted
+        from google.cloud import firestore
+
+        deadline, pause = time.monotonic() + CONTENTION_S, 0.02
+        while True:
+            try:
+                return firestore.transactional(body)(self.db.transaction(max_attempts=1))
+            except (Aborted, ValueError) as err:  # ValueError: "Failed to commit transaction in 1 attempts"
+                if isinstance(err, ValueError) and not isinstance(err.__cause__, Aborted):
+                    raise
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(f"Firestore transaction contended for over {CONTENTION_S:g} s") from err
+                time.sleep(random.uniform(0, pause))
+                pause = min(1.0, pause * 2)
+
+    def _get(self, ref, transaction=None):
+        return ref.get(transaction=transaction, timeout=TIMEOUT_S, retry=None)
+
+    def _event(self, transaction, ref, snapshot_data: dict, kind: str, data: dict) -> dict:
+        """Write an event in `transaction` (whose reads are done); returns the job fields to update."""
+        seq = snapshot_data.get("eventSeq", 0) + 1
+        transaction.set(ref.collection("events").document(f"{seq:012d}"), _event_doc(seq, kind, data))
+        return {"eventSeq": seq}
+
+    def add_listener(self, callback) -> None:
+        self._listeners.append(callback)
+
+    def _changed(self, job_id: str, state_change: bool = True) -> None:
+        for callback in self._listeners:
+            try:
+                callback(job_id, state_change)
+            except Exception:
+                log.exception("job store listener failed for job %s", job_id)
+
+    def close(self) -> None:
+        pass
+
+    # -- creating and reading ------------------------------------------------------------
+    @_unavailable
+    def create(self, new: NewJob) -> tuple[Job, bool]:
+        if new.max_queued is not None and self._count("queued") >= new.max_queued:
+            raise QueueFull()  # counted outside the transaction: across replicas the limit is approximate
+        now = time.time()
+        job = Job(
+            id=uuid.uuid4().hex,
+            community_id=new.community_id,
+            status="queued",
+            created_at=now,
+            source=new.source,
+            config=new.config,
+            records=None if new.dataset is None else len(new.dataset),
+            callback_url=new.callback_url,
+        )
+        ref = self.jobs.document(job.id)
+        key_ref = (
+            self.keys.document(hashlib.sha256(new.idempotency_key.encode()).hexdigest())
+            if new.idempotency_key
+            else None
+        )
+        active_ref = self.active.document(_community_doc(new.community_id))
+        if new.dataset is not None:  # first, so that a job never exists without its data
+            self._put_dataset(job.id, new.dataset)
+
+        def create(transaction):
+            key = self._get(key_ref, transaction) if key_ref is not None else None
+            active = self._get(active_ref, transaction) if new.one_per_community else None
+            holder = None
+            if active is not None and active.exists:
+                holder = self._get(self.jobs.document(active.get("jobId")), transaction)
+            if key is not None and key.exists:
+                fresh = new.idempotency_ttl_s is None or key.get("createdAt") >= now - new.idempotency_ttl_s
+                if fresh:
+                    if key.get("bodySha256") != new.body_sha256:
+                        raise IdempotencyConflict(key.get("jobId"))
+                    return key.get("jobId"), False
+            if holder is not None and holder.exists and holder.get("status") in ACTIVE:
+                raise ActiveJobConflict(holder.id)
+            transaction.set(ref, {**to_document(job), "eventSeq": 1})
+            transaction.set(
+                ref.collection("events").document(f"{1:012d}"), _event_doc(1, "state", {"status": "queued"})
+            )
+            if new.one_per_community:
+                transaction.set(active_ref, {"jobId": job.id, "communityId": new.community_id})
+            if key_ref is not None:
+                transaction.set(key_ref, {"jobId": job.id, "bodySha256": new.body_sha256, "createdAt": now})
+            return job.id, True
+
+        try:
+            job_id, created = self._run(create)
+        except BaseException:
+            if new.dataset is not None:
+                self._drop_dataset(job.id)
+            raise
+        if not created:
+            if new.dataset is not None:
+                self._drop_dataset(job.id)
+            return self.get(job_id), False
+        self._changed(job.id)
+        return job, True
+
+    @_unavailable
+    def get(self, job_id: str) -> Job | None:
+        snapshot = self._get(self.jobs.document(job_id))
+        return from_document(snapshot.to_dict()) if snapshot.exists else None
+
+    @_unavailable
+    def dataset(self, job_id: str) -> list | None:
+        snapshot = self._get(self.datasets.document(job_id))
+        if not snapshot.exists:
+            return None
+        data = snapshot.to_dict()
+        if data.get("blob"):
+            return json.loads(self.clients.bucket().blob(data["blob"]).download_as_bytes(timeout=120))
+        return json.loads(data["json"])
+
+    def _put_dataset(self, job_id: str, dataset: list) -> None:
+        text = json.dumps(dataset)
+        ref = self.datasets.document(job_id)
+        if len(text.encode()) <= INLINE_DATASET_BYTES:
+            ref.set({"json": text, "createdAt": time.time()}, timeout=TIMEOUT_S)
+            return
+        name = f"datasets/{job_id}.json"
+        self.clients.bucket().blob(name).upload_from_string(text, content_type="application/json", timeout=120)
+        ref.set({"blob": name, "createdAt": time.time()}, timeout=TIMEOUT_S)
+
+    def _drop_dataset(self, job_id: str) -> None:
+        try:
+            snapshot = self._get(self.datasets.document(job_id))
+            blob = (snapshot.to_dict() or {}).get("blob") if snapshot.exists else None
+            if blob:
+                self.clients.bucket().blob(blob).delete(timeout=30)
+            self.datasets.document(job_id).delete(timeout=TIMEOUT_S)
+        except Exception as err:  # left for a later cleanup; never read again
+            log.warning("could not remove the dataset of job %s: %s", job_id, type(err).__name__)
+
+    @_unavailable
+    def list(
+        self, community_id: str | None = None, status: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[Job], str | None]:
+        """Newest first. The cursor is the last job's id."""
+        from google.cloud import firestore
+        from google.cloud.firestore_v1 import FieldFilter
+
+        query = self.jobs
+        if community_id:
+            query = query.where(filter=FieldFilter("community_id", "==", community_id))
+        if status:
+            query = query.where(filter=FieldFilter("status", "==", status))
+        query = query.order_by("created_at", direction=firestore.Query.DESCENDING).order_by(
+            "__name__", direction=firestore.Query.DESCENDING
+        )
+        if cursor is not None:
+            last = self._get(self.jobs.document(cursor)) if len(cursor) == 32 else None
+            if last is None or not last.exists:
+                raise BadCursor(cursor)
+            query = query.start_after(last)
+        docs = list(query.limit(limit + 1).stream(timeout=TIMEOUT_S, retry=None))
+        more = len(docs) > limit
+        docs = docs[:limit]
+        return [from_document(d.to_dict()) for d in docs], (docs[-1].id if more else None)
+
+    def _count(self, status: str) -> int:
+        from google.cloud.firestore_v1 import FieldFilter
+
+        query = self.jobs.where(filter=FieldFilter("status", "==", status)).count()
+        return int(query.get(timeout=TIMEOUT_S, retry=None)[0][0].value)
+
+    @_unavailable
+    def counts_by_status(self) -> dict[str, int]:
+        return {status: self._count(status) for status in (*ACTIVE, *FINAL)}
+
+    # -- the lease -----------------------------------------------------------------------
+    @_unavailable
+    def claim_next(self, owner: str, lease_s: float, runner: str) -> Job | None:
+        from google.cloud.firestore_v1 import FieldFilter
+
+        now = time.time()
+        # peek outside a transaction (most polls find nothing), then take the one found inside one
+        expired = (
+            self.jobs.where(filter=FieldFilter("status", "==", "running"))
+            .where(filter=FieldFilter("leaseUntil", "<", now))
+            .order_by("leaseUntil")
+            .limit(1)
+        )
+        queued = self.jobs.where(filter=FieldFilter("status", "==", "queued")).order_by("created_at").limit(1)
+        for query in (expired, queued):
+            for candidate in query.stream(timeout=TIMEOUT_S, retry=None):
+                job = self._take(candidate.reference, owner, lease_s, runner)
+                if job is not None:
+                    self._changed(job.id)
+                    return job
+        return None
+
+    def _take(self, ref, owner: str, lease_s: float, runner: str) -> Job | None:
+        def take(transaction):
+            snapshot = self._get(ref, transaction)
+            data = snapshot.to_dict() if snapshot.exists else None
+            now = time.time()
+            if data is None:
+                return None
+            taken_over = data["status"] == "running" and (data.get("leaseUntil") or 0) < now
+            if data["status"] != "queued" and not taken_over:
+                return None  # another worker took it first
+            event = {"status": "running", "owner": owner}
+            if taken_over:
+                event["reason"] = TAKEN_OVER
+            update = {
+                "status": "running",
+                "started_at": data.get("started_at") or now,
+                "runner": runner,
+                "leaseOwner": owner,
+                "leaseUntil": now + lease_s,
+                "attempts": data.get("attempts", 0) + (1 if taken_over else 0),
+                "updatedAt": now,
+                **self._event(transaction, ref, data, "state", event),
+            }
+            transaction.update(ref, update)
+            return from_document({**data, **update})
+
+        return self._run(take)
+
+    @_unavailable
+    def renew(self, job_id: str, owner: str, lease_s: float) -> Renewal:
+        ref = self.jobs.document(job_id)
+        with self._lock:
+            pending = self._pending.pop(job_id, None)
+
+        def renew(transaction):
+            snapshot = self._get(ref, transaction)
+            if not snapshot.exists or snapshot.get("status") != "running" or snapshot.get("leaseOwner") != owner:
+                return Renewal(held=False)
+            update = {"leaseUntil": time.time() + lease_s, "updatedAt": time.time(), **(pending or {})}
+            transaction.update(ref, update)
+            return Renewal(held=True, cancel_requested=bool(snapshot.get("cancelRequested")))
+
+        try:
+            renewal = self._run(renew)
+        except BaseException:
+            if pending is not None:
+                with self._lock:
+                    self._pending.setdefault(job_id, pending)  # sent with the next renewal
+            raise
+        if pending is not None:
+            self._changed(job_id, state_change=False)
+        return renewal
+
+    # -- state changes -------------------------------------------------------------------
+    @_unavailable
+    def request_cancel(self, job_id: str) -> Job | None:
+        ref = self.jobs.document(job_id)
+
+        def cancel(transaction):
+            snapshot = self._get(ref, transaction)
+            if not snapshot.exists:
+                return None
+            data = snapshot.to_dict()
+            active_ref = self.active.document(_community_doc(data["community_id"]))
+            active = self._get(active_ref, transaction)
+            if data["status"] in FINAL:
+                raise JobFinished(data["status"])
+            if data["status"] == "queued":
+                update = {
+                    "status": "cancelled",
+                    "finished_at": time.time(),
+                    "error": {"type": "cancelled", "message": CANCELLED_QUEUED},
+                    **self._event(transaction, ref, data, "state", {"status": "cancelled"}),
+                }
+                if active.exists and active.get("jobId") == job_id:
+                    transaction.delete(active_ref)
+            elif not data.get("cancelRequested"):
+                update = {"cancelRequested": True, **self._event(transaction, ref, data, "cancel_requested", {})}
+            else:
+                return from_document(data), False
+            update["updatedAt"] = time.time()
+            transaction.update(ref, update)
+            return from_document({**data, **update}), update.get("status") == "cancelled"
+
+        result = self._run(cancel)
+        if result is None:
+            return None
+        job, ended = result
+        if ended:
+            self._drop_dataset(job_id)
+        self._changed(job_id, state_change=ended)
+        return job
+
+    def set_progress(self, job_id: str, progress: dict, metrics: dict) -> None:
+        """Kept here and written with the next lease renewal (at most one write per renewal:
+        Firestore sustains about one write a second per document)."""
+        with self._lock:
+            self._pending[job_id] = {"progress": progress, "metrics": metrics}
+
+    @_unavailable
+    def finish(self, job_id: str, owner: str, result: Finish) -> Job | None:
+        assert result.status in FINAL
+        ref = self.jobs.document(job_id)
+        with self._lock:
+            self._pending.pop(job_id, None)
+
+        def finish(transaction):
+            snapshot = self._get(ref, transaction)
+            data = snapshot.to_dict() if snapshot.exists else None
+            if data is None or data["status"] != "running" or data.get("leaseOwner") != owner:
+                return None
+            active_ref = self.active.document(_community_doc(data["community_id"]))
+            active = self._get(active_ref, transaction)
+            update: dict[str, Any] = {
+                "status": result.status,
+                "finished_at": time.time(),
+                "leaseOwner": None,
+                "leaseUntil": None,
+                "error": {"type": result.error_type, "message": result.error_message or ""}
+                if result.error_type
+                else None,
+                **self._event(transaction, ref, data, "state", finish_event(result)),
+            }
+            for name in ("final_eval", "metrics", "records"):
+                if getattr(result, name) is not None:
+                    update[name] = getattr(result, name)
+            if result.artifact_uri is not None:
+                update["artifact"] = {"uri": result.artifact_uri, "files": result.artifact_files or []}
+            if data.get("callbackUrl"):
+                update["callbackState"] = "unsent"  # finished_without_callback() finds it if we crash now
+            if active.exists and active.get("jobId") == job_id:
+                transaction.delete(active_ref)
+            update["updatedAt"] = time.time()
+            transaction.update(ref, update)
+            return from_document({**data, **update})
+
+        job = self._run(finish)
+        if job is not None:
+            self._drop_dataset(job_id)
+            self._changed(job_id)
+        return job
+
+    @_unavailable
+    def requeue(self, job_id: str, owner: str, reason: str) -> bool:
+        ref = self.jobs.document(job_id)
+
+        def requeue(transaction):
+            snapshot = self._get(ref, transaction)
+            data = snapshot.to_dict() if snapshot.exists else None
+            if data is None or data["status"] != "running" or data.get("leaseOwner") != owner:
+                return False
+            event = {"status": "queued", "reason": reason}
+            update = {"status": "queued", "leaseOwner": None, "leaseUntil": None, "updatedAt": time.time()}
+            transaction.update(ref, {**update, **self._event(transaction, ref, data, "state", event)})
+            return True
+
+        done = self._run(requeue)
+        if done:
+            self._changed(job_id)
+        return done
+
+    # -- events --------------------------------------------------------------------------
+    @_unavailable
+    def add_event(self, job_id: str, kind: str, data: dict) -> None:
+        ref = self.jobs.document(job_id)
+
+        def add(transaction):
+            snapshot = self._get(ref, transaction)
+            if snapshot.exists:
+                transaction.update(ref, self._event(transaction, ref, snapshot.to_dict(), kind, data))
+
+        self._run(add)
+
+    @_unavailable
+    def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[dict]:
+        from google.cloud.firestore_v1 import FieldFilter
+
+        query = (
+            self.jobs.document(job_id)
+            .collection("events")
+            .where(filter=FieldFilter("seq", ">", after))
+            .order_by("seq")
+            .limit(limit)
+        )
+        return [{**d.to_dict(), "data": json.loads(d.get("data"))} for d in query.stream(timeout=TIMEOUT_S, retry=None)]
+
+    # -- the callback outbox (fields of the job document) ------------------------------------
+    @_unavailable
+    def enqueue_callback(self, job_id: str, url: str, body: str) -> None:
+        ref = self.jobs.document(job_id)
+
+        def enqueue(transaction):
+            snapshot = self._get(ref, transaction)
+            if snapshot.exists and snapshot.to_dict().get("callbackState") in (None, "unsent"):
+                transaction.update(
+                    ref,
+                    {"callbackState": "pending", "callbackBody": body, "callbackAttempts": 0, "callbackNextAt": 0.0},
+                )
+
+        self._run(enqueue)
+
+    @_unavailable
+    def due_callbacks(self, now: float, limit: int = 16) -> list[dict]:
+        """Due deliveries, each held for this replica for a minute (so two replicas do not both send it)."""
+        from google.cloud.firestore_v1 import FieldFilter
+
+        query = (
+            self.jobs.where(filter=FieldFilter("callbackState", "==", "pending"))
+            .where(filter=FieldFilter("callbackNextAt", "<=", now))
+            .order_by("callbackNextAt")
+            .limit(limit)
+        )
+        due = []
+        for candidate in query.stream(timeout=TIMEOUT_S, retry=None):
+
+            def hold(transaction, ref=candidate.reference):
+                snapshot = self._get(ref, transaction)
+                data = snapshot.to_dict()
+                if data.get("callbackState") != "pending" or data.get("callbackNextAt", 0) > now:
+                    return None
+                transaction.update(ref, {"callbackNextAt": now + 60})
+                return {
+                    "job_id": ref.id,
+                    "url": data["callbackUrl"],
+                    "body": data["callbackBody"],
+                    "attempts": data.get("callbackAttempts", 0),
+                }
+
+            item = self._run(hold)
+            if item is not None:
+                due.append(item)
+        return due
+
+    @_unavailable
+    def record_callback_attempt(self, job_id: str, state: str, next_at: float = 0.0) -> None:
+        from google.cloud import firestore
+
+        self.jobs.document(job_id).update(
+            {"callbackAttempts": firestore.Increment(1), "callbackState": state, "callbackNextAt": next_at},
+            timeout=TIMEOUT_S,
+        )
+
+    @_unavailable
+    def finished_without_callback(self) -> list[Job]:
+        from google.cloud.firestore_v1 import FieldFilter
+
+        query = self.jobs.where(filter=FieldFilter("callbackState", "==", "unsent"))
+        return [from_document(d.to_dict()) for d in query.stream(timeout=TIMEOUT_S, retry=None)]
+
+    # -- signatures and health -------------------------------------------------------------
+    @_unavailable
+    def remember_signature(self, mac: str, expires_at: float, idempotency_key: str = "") -> bool:
+        ref = self.signatures.document(mac)
+
+        def remember(transaction):
+            snapshot = self._get(ref, transaction)
+            if snapshot.exists and snapshot.get("expiresAt").timestamp() >= time.time():
+                return bool(idempotency_key) and snapshot.get("idemKey") == idempotency_key
+            expiry = dt.datetime.fromtimestamp(expires_at, tz=dt.UTC)  # a Timestamp: a TTL policy can delete it
+            transaction.set(ref, {"expiresAt": expiry, "idemKey": idempotency_key})
+            return True
+
+        return self._run(remember)
+
+    def check(self) -> str | None:
+        try:
+            self.jobs.document("_ready").get(timeout=3, retry=None)
+            return None
+        except Exception as err:
+            return f"Firestore unreachable: {type(err).__name__}"
+
+
+def _event_doc(seq: int, kind: str, data: dict) -> dict:
+    # data as JSON text: Firestore would reorder keys and turn tuples into lists
+    return {"seq": seq, "ts": time.time(), "kind": kind, "data": json.dumps(data)}
+
+
+def _community_doc(community_id: str) -> str:
+    """A document id for a community id (ids like `__x__` are reserved by Firestore)."""
+    return hashlib.sha256(community_id.encode()).hexdigest()[:40]

@@ -1,0 +1,103 @@
+"""Where a job's training checkpoint lives between steps, and where the next worker finds it.
+
+The trainer always writes its checkpoint to a local directory (training/checkpoint.py). With the
+sqlite job store (one replica) that directory is the checkpoint. With a shared job store the
+job may resume on another replica, so each checkpoint is also copied to Cloud Storage
+(`checkpoints/{jobId}/`) and fetched from there when a job starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+STATE_FILE = Path("checkpoint") / "state.pt"  # inside a job's checkpoint directory (training/checkpoint.py)
+
+
+class LocalCheckpoints:
+    """Checkpoints on this machine's disk only (one replica)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def directory(self, job_id: str) -> Path:
+        """The directory the trainer writes to and resumes from (train.checkpoint_dir)."""
+        return self.root / job_id
+
+    def publish(self, job_id: str, step: int) -> None:
+        """Make the checkpoint just written available to whoever runs the job next."""
+
+    def fetch(self, job_id: str) -> bool:
+        """Put the job's latest checkpoint in directory(job_id); True if there is one."""
+        return (self.directory(job_id) / STATE_FILE).exists()
+
+    def remove(self, job_id: str) -> None:
+        shutil.rmtree(self.directory(job_id), ignore_errors=True)
+
+
+class SharedCheckpoints(LocalCheckpoints):
+    """Each checkpoint copied to gs://bucket/checkpoints/{jobId}/: the state file under its step
+    first, then `latest.json` naming it (a reader never sees a half-written checkpoint), then
+    the older steps removed. Removed when the job ends."""
+
+    PREFIX = "checkpoints/{jobId}/"
+    MARKER = "latest.json"
+
+    def __init__(self, root: Path, clients, retry_deadline_s: float = 60.0):
+        super().__init__(root)
+        self.clients, self.retry_deadline_s = clients, retry_deadline_s
+
+    def _retry(self):
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        return DEFAULT_RETRY.with_deadline(self.retry_deadline_s)
+
+    def publish(self, job_id: str, step: int) -> None:
+        prefix = self.PREFIX.format(jobId=job_id)
+        name = f"{prefix}step-{step:09d}/state.pt"
+        bucket, retry = self.clients.bucket(), self._retry()
+        try:
+            # open before uploading: a trainer subprocess that replaces the checkpoint meanwhile
+            # does so by renaming, so this handle keeps reading one whole file
+            with open(self.directory(job_id) / STATE_FILE, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                blob = bucket.blob(name)
+                blob.chunk_size = 8 * 1024 * 1024
+                blob.upload_from_file(fh, size=size, retry=retry, timeout=300)
+        except FileNotFoundError:  # replaced by a newer one between the event and here: that one comes next
+            return
+        marker = json.dumps({"step": step, "object": name, "size": size})
+        bucket.blob(prefix + self.MARKER).upload_from_string(marker, content_type="application/json", retry=retry)
+        for old in bucket.list_blobs(prefix=prefix + "step-", retry=retry):
+            if not old.name.startswith(f"{prefix}step-{step:09d}/"):
+                old.delete(retry=retry)
+
+    def fetch(self, job_id: str) -> bool:
+        from google.api_core.exceptions import NotFound
+
+        prefix = self.PREFIX.format(jobId=job_id)
+        bucket, retry = self.clients.bucket(), self._retry()
+        try:
+            marker = json.loads(bucket.blob(prefix + self.MARKER).download_as_bytes(retry=retry))
+        except NotFound:
+            return super().fetch(job_id)  # never published: a local one (this replica's own) if any
+        target = self.directory(job_id) / STATE_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        bucket.blob(marker["object"]).download_to_filename(str(partial), retry=retry)
+        partial.replace(target)
+        log.info("job %s: checkpoint of step %s fetched from %s", job_id, marker["step"], marker["object"])
+        return True
+
+    def remove(self, job_id: str) -> None:
+        super().remove(job_id)
+        try:
+            bucket, retry = self.clients.bucket(), self._retry()
+            for blob in bucket.list_blobs(prefix=self.PREFIX.format(jobId=job_id), retry=retry):
+                blob.delete(retry=retry)
+        except Exception as err:  # storage down: the objects stay; they are never read again
+            log.warning("could not remove the checkpoints of job %s: %s", job_id, type(err).__name__)
