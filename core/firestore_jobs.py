@@ -50,7 +50,7 @@ from core.store import (
 
 log = logging.getLogger(__name__)
 INLINE_DATASET_BYTES = 900_000  # a Firestore document holds at most 1 MiB; larger datasets go to the bucket
-TIMEOUT_S = 10.0  # per call: a replica that lost Firestore answers 503 within this, it does not hang
+TIMEOUT_S = 5.0  # per call: a replica that lost Firestore answers 503 within this, it does not hang
 CONTENTION_S = 30.0  # a transaction that keeps losing to concurrent ones gives up (503) after this
 
 
@@ -355,6 +355,7 @@ class FirestoreJobStore:
     @_unavailable
     def renew(self, job_id: str, owner: str, lease_s: float) -> Renewal:
         ref = self.jobs.document(job_id)
+        self._get(ref)  # fails fast when Firestore is unreachable: the keeper's other jobs do not wait
         with self._lock:
             pending = self._pending.pop(job_id, None)
 
@@ -381,6 +382,8 @@ class FirestoreJobStore:
     @_unavailable
     def request_cancel(self, job_id: str) -> Job | None:
         ref = self.jobs.document(job_id)
+        if not self._get(ref).exists:  # fails fast when Firestore is unreachable
+            return None
 
         def cancel(transaction):
             snapshot = self._get(ref, transaction)
@@ -428,7 +431,7 @@ class FirestoreJobStore:
         assert result.status in FINAL
         ref = self.jobs.document(job_id)
         with self._lock:
-            self._pending.pop(job_id, None)
+            pending = self._pending.pop(job_id, None) or {}  # the last steps' progress goes with the end
 
         def finish(transaction):
             snapshot = self._get(ref, transaction)
@@ -438,6 +441,7 @@ class FirestoreJobStore:
             active_ref = self.active.document(_community_doc(data["community_id"]))
             active = self._get(active_ref, transaction)
             update: dict[str, Any] = {
+                **pending,
                 "status": result.status,
                 "finished_at": time.time(),
                 "leaseOwner": None,
@@ -489,6 +493,8 @@ class FirestoreJobStore:
     @_unavailable
     def add_event(self, job_id: str, kind: str, data: dict) -> None:
         ref = self.jobs.document(job_id)
+        if not self._get(ref).exists:  # also fails fast when Firestore is unreachable (a transaction waits a minute)
+            return
 
         def add(transaction):
             snapshot = self._get(ref, transaction)
@@ -576,7 +582,13 @@ class FirestoreJobStore:
     # -- signatures and health -------------------------------------------------------------
     @_unavailable
     def remember_signature(self, mac: str, expires_at: float, idempotency_key: str = "") -> bool:
+        """The first store call of every trigger: a plain read first, which answers a replay at
+        once and fails within TIMEOUT_S when Firestore is unreachable (a transaction's begin
+        retries for a minute)."""
         ref = self.signatures.document(mac)
+        seen = self._get(ref)
+        if seen.exists and seen.get("expiresAt").timestamp() >= time.time():
+            return bool(idempotency_key) and seen.get("idemKey") == idempotency_key
 
         def remember(transaction):
             snapshot = self._get(ref, transaction)

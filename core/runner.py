@@ -405,9 +405,9 @@ class Runner:
             self.checkpoints.publish(job_id, step)
         except Exception as err:
             log.warning("job %s: checkpoint of step %d not copied: %s", job_id, step, err)
-            self.store.add_event(job_id, "warning", {"message": f"checkpoint of step {step} not copied: {err}"[:500]})
             return
-        self.store.add_event(job_id, "checkpoint", {"step": step})
+        with contextlib.suppress(Exception):  # the record of it is best effort, like progress
+            self.store.add_event(job_id, "checkpoint", {"step": step})
 
     def _train_inprocess(self, run_training, cancelled_type, cfg, records, ids, out_dir, progress, job_id) -> dict:
         try:
@@ -541,7 +541,13 @@ class Runner:
 
 
 class ProgressRecorder:
-    """Training progress events -> the job row (every step) and the event log (throttled)."""
+    """Training progress events -> the job row (every step) and the event log (throttled).
+
+    Best effort: while the store is unreachable, training goes on and these writes are skipped
+    (for QUIET_S after each failure, so a partition does not slow every step); the job's record
+    catches up with its next write."""
+
+    QUIET_S = 30.0
 
     def __init__(self, store, job_id: str, metrics=None, event_interval_s: float = 1.0, on_checkpoint=None):
         self.store, self.job_id, self.metrics, self.interval = store, job_id, metrics, event_interval_s
@@ -549,6 +555,16 @@ class ProgressRecorder:
         self.started = time.time()
         self.last_event = 0.0
         self.steps_seen = 0
+        self._quiet_until = 0.0
+
+    def _write(self, write, *args) -> None:
+        if time.monotonic() < self._quiet_until:
+            return
+        try:
+            write(*args)
+        except Exception as err:
+            log.warning("job %s: progress not recorded for %g s: %s", self.job_id, self.QUIET_S, err)
+            self._quiet_until = time.monotonic() + self.QUIET_S
 
     def __call__(self, event: dict) -> None:
         step, total = event.get("step", 0), event.get("total_steps") or 0
@@ -558,7 +574,7 @@ class ProgressRecorder:
             return
         if event["kind"] != "step":  # eval, resumed, layout, warning: one event each, as sent
             data = event["metrics"] if event["kind"] == "eval" else {k: v for k, v in event.items() if k != "kind"}
-            self.store.add_event(self.job_id, event["kind"], data)
+            self._write(self.store.add_event, self.job_id, event["kind"], data)
             return
         self.steps_seen += 1
         elapsed = time.time() - self.started
@@ -570,10 +586,10 @@ class ProgressRecorder:
             "eta_seconds": round(elapsed / step * (total - step), 1) if step else None,
         }
         metrics = {k: v for k, v in event["metrics"].items() if isinstance(v, int | float)}
-        self.store.set_progress(self.job_id, progress, metrics)
+        self._write(self.store.set_progress, self.job_id, progress, metrics)
         if self.metrics is not None and "tokens_per_s" in metrics:
             self.metrics.tokens_per_s.set(metrics["tokens_per_s"])
         now = time.time()
         if now - self.last_event >= self.interval or step == total:
             self.last_event = now
-            self.store.add_event(self.job_id, "progress", {**progress, "metrics": metrics})
+            self._write(self.store.add_event, self.job_id, "progress", {**progress, "metrics": metrics})

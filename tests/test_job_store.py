@@ -232,3 +232,15 @@ def test_a_job_record_is_typed(store):
         {"model": "tiny"},
         "http://127.0.0.1:9/cb",
     )
+
+
+def test_the_shared_store_needs_the_firebase_backend():
+    from pydantic import ValidationError
+
+    from core.settings import Settings
+
+    with pytest.raises(ValidationError, match="DPO_JOB_STORE=firestore needs DPO_STORAGE_BACKEND=firebase"):
+        Settings(job_store="firestore", storage_backend="local")
+    with pytest.raises(ValidationError, match="expected an http:// or https:// URL"):
+        Settings(public_base_url="dpo.example.com")
+    assert Settings(public_base_url="https://dpo.example.com/").public_base_url == "https://dpo.example.com"

@@ -137,6 +137,11 @@ class Emulators:
         _wait_http(url + "/storage/v1/b", proc, "fake-gcs-server", 30, self.workdir / "gcs.log")
         httpx.post(url + "/storage/v1/b", params={"project": PROJECT}, json={"name": BUCKET})
 
+    def pause(self, name: str, paused: bool = True) -> None:
+        """Freeze an emulator (SIGSTOP to its process group) or thaw it (SIGCONT): its port stays
+        open but nothing answers, like a network partition."""
+        os.killpg(self.procs[name].pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def stop(self, name: str | None = None) -> None:
         """Stop one emulator (or both) by PID: SIGTERM to its process group, SIGKILL after 10 s."""
         for key in [name] if name else list(self.procs):
