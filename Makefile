@@ -102,6 +102,10 @@ bench-memory: setup ## Peak memory of a training step with and without gradient 
 bench-api: setup ## /health latency at 100 req/s while a job trains, and 10,000-record trigger accept latency
 	$(PY) tools/bench_api.py
 
+.PHONY: bench-stores
+bench-stores: setup ## Job stores side by side: claim latency, trigger accept rate, takeover time (SQLite vs Firestore emulator)
+	$(PY) tools/bench_stores.py
+
 .PHONY: fuzz
 fuzz: setup ## Schemathesis against the service's OpenAPI schema with valid signatures (500 examples per operation)
 	DPO_FUZZ_EXAMPLES=500 $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider

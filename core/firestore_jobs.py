@@ -191,8 +191,9 @@ class FirestoreJobStore:
             else None
         )
         active_ref = self.active.document(_community_doc(new.community_id))
-        if new.dataset is not None:  # first, so that a job never exists without its data
-            self._put_dataset(job.id, new.dataset)
+        # the dataset is written with the job (in its transaction), or before it when it goes to the
+        # bucket: a job never exists without its data
+        dataset_doc = None if new.dataset is None else self._dataset_document(job.id, new.dataset)
 
         def create(transaction):
             key = self._get(key_ref, transaction) if key_ref is not None else None
@@ -212,6 +213,8 @@ class FirestoreJobStore:
             transaction.set(
                 ref.collection("events").document(f"{1:012d}"), _event_doc(1, "state", {"status": "queued"})
             )
+            if dataset_doc is not None:
+                transaction.set(self.datasets.document(job.id), dataset_doc)
             if new.one_per_community:
                 transaction.set(active_ref, {"jobId": job.id, "communityId": new.community_id})
             if key_ref is not None:
@@ -221,12 +224,10 @@ class FirestoreJobStore:
         try:
             job_id, created = self._run(create)
         except BaseException:
-            if new.dataset is not None:
-                self._drop_dataset(job.id)
+            self._drop_blob(dataset_doc)
             raise
         if not created:
-            if new.dataset is not None:
-                self._drop_dataset(job.id)
+            self._drop_blob(dataset_doc)
             return self.get(job_id), False
         self._changed(job.id)
         return job, True
@@ -246,23 +247,29 @@ class FirestoreJobStore:
             return json.loads(self.clients.bucket().blob(data["blob"]).download_as_bytes(timeout=120))
         return json.loads(data["json"])
 
-    def _put_dataset(self, job_id: str, dataset: list) -> None:
+    def _dataset_document(self, job_id: str, dataset: list) -> dict:
+        """The dataset document: the records as JSON, or (too large for a document) the name of
+        the bucket object they were uploaded to."""
         text = json.dumps(dataset)
-        ref = self.datasets.document(job_id)
         if len(text.encode()) <= INLINE_DATASET_BYTES:
-            ref.set({"json": text, "createdAt": time.time()}, timeout=TIMEOUT_S)
-            return
+            return {"json": text, "createdAt": time.time()}
         name = f"datasets/{job_id}.json"
         self.clients.bucket().blob(name).upload_from_string(text, content_type="application/json", timeout=120)
-        ref.set({"blob": name, "createdAt": time.time()}, timeout=TIMEOUT_S)
+        return {"blob": name, "createdAt": time.time()}
+
+    def _drop_blob(self, dataset_doc: dict | None) -> None:
+        if dataset_doc is not None and dataset_doc.get("blob"):
+            try:
+                self.clients.bucket().blob(dataset_doc["blob"]).delete(timeout=30)
+            except Exception as err:  # never read again
+                log.warning("could not remove %s: %s", dataset_doc["blob"], type(err).__name__)
 
     def _drop_dataset(self, job_id: str) -> None:
         try:
             snapshot = self._get(self.datasets.document(job_id))
-            blob = (snapshot.to_dict() or {}).get("blob") if snapshot.exists else None
-            if blob:
-                self.clients.bucket().blob(blob).delete(timeout=30)
-            self.datasets.document(job_id).delete(timeout=TIMEOUT_S)
+            if snapshot.exists:
+                self._drop_blob(snapshot.to_dict())
+                self.datasets.document(job_id).delete(timeout=TIMEOUT_S)
         except Exception as err:  # left for a later cleanup; never read again
             log.warning("could not remove the dataset of job %s: %s", job_id, type(err).__name__)
 
@@ -582,20 +589,24 @@ class FirestoreJobStore:
     # -- signatures and health -------------------------------------------------------------
     @_unavailable
     def remember_signature(self, mac: str, expires_at: float, idempotency_key: str = "") -> bool:
-        """The first store call of every trigger: a plain read first, which answers a replay at
-        once and fails within TIMEOUT_S when Firestore is unreachable (a transaction's begin
-        retries for a minute)."""
+        """The first store call of every trigger, so one plain create: it fails within TIMEOUT_S
+        when Firestore is unreachable (a transaction's begin retries for a minute), and only a
+        signature seen before costs a second call."""
+        from google.api_core.exceptions import Conflict
+
         ref = self.signatures.document(mac)
-        seen = self._get(ref)
-        if seen.exists and seen.get("expiresAt").timestamp() >= time.time():
-            return bool(idempotency_key) and seen.get("idemKey") == idempotency_key
+        fields = {"expiresAt": dt.datetime.fromtimestamp(expires_at, tz=dt.UTC), "idemKey": idempotency_key}
+        try:
+            ref.create(fields, timeout=TIMEOUT_S, retry=None)  # expiresAt, a Timestamp, suits a TTL policy
+            return True
+        except Conflict:
+            pass
 
         def remember(transaction):
             snapshot = self._get(ref, transaction)
             if snapshot.exists and snapshot.get("expiresAt").timestamp() >= time.time():
                 return bool(idempotency_key) and snapshot.get("idemKey") == idempotency_key
-            expiry = dt.datetime.fromtimestamp(expires_at, tz=dt.UTC)  # a Timestamp: a TTL policy can delete it
-            transaction.set(ref, {"expiresAt": expiry, "idemKey": idempotency_key})
+            transaction.set(ref, fields)  # an expired one (no TTL policy deleted it yet)
             return True
 
         return self._run(remember)
