@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from omegaconf import OmegaConf
 from core.callbacks import CallbackSender
 from core.errors import JOB_FINISHED, JOB_NOT_FOUND, ServiceError
 from core.schemas import job_view
-from core.store import Finish, Job, JobFinished, replica_id
+from core.store import Finish, Job, JobFinished, StoreUnavailable, replica_id
 from storage.base import SourceError, StorageError
 from training.config import REPO_ROOT, compose_config, literal
 from training.records import RecordError, normalise_records
@@ -90,8 +91,10 @@ class Runner:
         )
         self.checkpoints = checkpoints  # storage/checkpoints.py: local, or shared through Cloud Storage
         self.mode = settings.runner_mode  # auto | inprocess | subprocess
-        self.owner = replica_id()  # this replica's name on the leases it holds
+        self.owner = replica_id()  # this replica's name; each claim adds its own suffix (the lease token)
         self.lease_s = settings.job_lease_s
+        self._leases: dict[str, str] = {}  # job id -> the lease token this replica holds it under
+        self._renewed: dict[str, float] = {}  # job id -> monotonic time of its last successful renewal
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._keeper_done = threading.Event()
@@ -114,8 +117,11 @@ class Runner:
             released = self.store.release_leases()
             if released:
                 log.warning("%d job(s) were left running by a previous server: they resume or restart", released)
-        for job in self.store.finished_without_callback():  # a crash came between finishing and queueing it
-            self.store.enqueue_callback(job.id, job.callback_url, json.dumps(job_view(job)))
+        try:
+            for job in self.store.finished_without_callback():  # a crash came between finishing and queueing it
+                self.store.enqueue_callback(job.id, job.callback_url, json.dumps(job_view(job)))
+        except Exception as err:  # the store is down at start-up: serve anyway (/ready says so)
+            log.warning("could not look for callbacks left unqueued: %s", err)
         self.callbacks.start()
         for i in range(self.settings.max_concurrent_jobs):
             thread = threading.Thread(target=self._worker, name=f"dpo-worker-{i}", daemon=True)
@@ -125,26 +131,30 @@ class Runner:
         self._keeper.start()
 
     def _keep_leases(self) -> None:
-        """Renew the lease of every job this replica runs, several times per lease; a lease lost
-        (taken over after a long stall) or a cancel asked through any replica stops the job at
-        its next step."""
+        """Renew the lease of every job this replica runs, several times per lease. A cancel
+        asked through any replica stops the job at its next step. A lease lost (taken over) or
+        not renewed for a whole lease length (the store unreachable: another replica may have
+        taken the job by now) stops it too, and this replica drops its run."""
         tick = max(0.2, min(2.0, self.lease_s / 6))
-        failing = False
         while not self._keeper_done.wait(tick):
             with self._lock:
-                running = list(self._started)
-            for job_id in running:
+                held = dict(self._leases)
+            for job_id, token in held.items():
                 try:
-                    renewal = self.store.renew(job_id, self.owner, self.lease_s)
-                except Exception as err:  # the store is unreachable: keep training, try again next tick
-                    if not failing:
-                        log.warning("could not renew the lease of job %s: %s", job_id, err)
-                    failing = True
-                    continue
-                failing = False
-                if not renewal.held or renewal.cancel_requested:
-                    with self._lock:
-                        self._stop_requests.setdefault(job_id, "cancel" if renewal.held else "lease_lost")
+                    renewal = self.store.renew(job_id, token, self.lease_s)
+                except Exception as err:  # unreachable: keep training while the lease may still be ours
+                    log.warning("could not renew the lease of job %s: %s", job_id, err)
+                    renewal = None
+                with self._lock:
+                    if self._leases.get(job_id) != token:
+                        continue  # the run ended meanwhile
+                    now = time.monotonic()
+                    if renewal is not None and renewal.held:
+                        self._renewed[job_id] = now
+                        if renewal.cancel_requested:
+                            self._stop_requests.setdefault(job_id, "cancel")
+                    elif renewal is not None or now - self._renewed.get(job_id, now) > self.lease_s:
+                        self._stop_requests.setdefault(job_id, "lease_lost")
 
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
@@ -169,6 +179,11 @@ class Runner:
             procs = list(self._procs.values())
         for proc in procs:  # never leave a trainer behind
             signal_group(proc, signal.SIGKILL)
+        with self._lock:  # still held after the join: hand them back now rather than after a lease
+            held = dict(self._leases)
+        for job_id, token in held.items():
+            with contextlib.suppress(Exception):
+                self.store.requeue(job_id, token, SHUTDOWN_REQUEUE)
         self._keeper_done.set()
         self.callbacks.stop()
 
@@ -188,10 +203,14 @@ class Runner:
             raise ServiceError(404, "not_found", JOB_NOT_FOUND)
         if job.status == "cancelled":
             self.checkpoints.remove(job_id)  # one left by a shutdown, if any
-        with self._lock:
-            if job_id in self._started:
-                self._stop_requests[job_id] = "cancel"
+        self._stop(job_id, "cancel")  # this replica at once; another at its next lease renewal
         return job
+
+    def _stop(self, job_id: str, reason: str) -> None:
+        """Ask a job this replica runs to stop (no-op for one it does not run)."""
+        with self._lock:
+            if job_id in self._leases:
+                self._stop_requests.setdefault(job_id, reason)
 
     def _should_stop(self, job_id: str) -> bool:
         """Checked at every step boundary (and by the subprocess watcher): a cancel, a shutdown,
@@ -212,25 +231,37 @@ class Runner:
     # -- the worker ----------------------------------------------------------------------
     def _worker(self) -> None:
         while not self._stopping.is_set():
+            token = f"{self.owner}:{uuid.uuid4().hex[:6]}"  # this claim's lease: no other run can renew it
             try:
-                job = self.store.claim_next(self.owner, self.lease_s, runner=self.mode)
-            except Exception:  # the store is unreachable: keep the worker alive and retry
-                log.exception("could not claim a job")
+                job = self.store.claim_next(token, self.lease_s, runner=self.mode)
+            except Exception as err:  # the store is unreachable: keep the worker alive and retry
+                log.warning("could not claim a job: %s", err)
                 job = None
             if job is None:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
-            self._run(job)
+            try:
+                self._run(job, token)
+            except Exception:  # whatever went wrong, the worker lives on; the job's lease lapses
+                log.exception("job %s: the worker's run ended unexpectedly", job.id)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, token: str) -> None:
         job_id = job.id
+        with self._lock:
+            duplicate = job_id in self._leases  # our own earlier run of it lost its lease and still winds down
+            if duplicate:
+                self._stop_requests.setdefault(job_id, "lease_lost")
+            else:
+                self._leases[job_id], self._renewed[job_id] = token, time.monotonic()  # the keeper renews it
+                self._started[job_id] = time.monotonic()
+        if duplicate or self._stopping.is_set():  # claimed just as a shutdown began, or a duplicate
+            self._retry_store(lambda: self.store.requeue(job_id, token, SHUTDOWN_REQUEUE))
+            if not duplicate:
+                self._forget(job_id)
+            return
         work = self.settings.work_root / job_id
         work.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            self._started[job_id] = time.monotonic()  # from here the keeper renews its lease
-            if self._stopping.is_set():  # claimed just as a shutdown began: stop it at once
-                self._stop_requests.setdefault(job_id, "shutdown")
         started = time.time()
         reason = None
         try:
@@ -239,6 +270,9 @@ class Runner:
             except Stopped:
                 reason = self._stop_requests.get(job_id)
                 result = self._stopped(reason)
+            except StoreUnavailable as err:  # not the job's fault: leave it to whoever takes it next
+                log.warning("job %s: the job store is unreachable (%s); its lease will lapse", job_id, err)
+                reason, result = "store_unavailable", None
             except Interrupted as err:
                 result = Finish("failed", error_type="interrupted", error_message=str(err))
             except SourceError as err:
@@ -253,13 +287,14 @@ class Runner:
                 result = Finish("failed", error_type="training_error", error_message=message)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            self._record(job, result, reason, started)
+            self._record(job, token, result, reason, started)
         finally:
-            with self._lock:
-                self._stop_requests.pop(job_id, None)
-                self._procs.pop(job_id, None)
-                self._started.pop(job_id, None)  # the keeper stops renewing
-                self._heard.pop(job_id, None)
+            self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            for table in (self._leases, self._renewed, self._stop_requests, self._procs, self._started, self._heard):
+                table.pop(job_id, None)  # the keeper stops renewing it
 
     def _stopped(self, reason: str | None) -> Finish | None:
         """How a job stopped at a step boundary ends; None: it is not ours to end (a shutdown
@@ -276,19 +311,21 @@ class Runner:
             return Finish("failed", error_type="stalled", error_message=message)
         return None
 
-    def _record(self, job: Job, result: Finish | None, reason: str | None, started: float) -> None:
+    def _record(self, job: Job, token: str, result: Finish | None, reason: str | None, started: float) -> None:
         """Write the job's end (or its return to the queue) to the store, then its callback."""
         job_id = job.id
-        if result is None and reason == "lease_lost":
-            log.warning("job %s: its lease was taken over by another worker; this run is dropped", job_id)
-            shutil.rmtree(self.checkpoints.directory(job_id), ignore_errors=True)  # the shared copy stays
+        if result is None and reason in ("lease_lost", "store_unavailable"):
+            # another worker has the job, or will once the lease lapses; the checkpoint stays for it
+            log.warning("job %s: this run is dropped (%s); the job goes on elsewhere", job_id, reason)
             return
         if result is None:  # shutdown: the checkpoint just written lets the next worker resume it
-            self._retry_store(lambda: self.store.requeue(job_id, self.owner, SHUTDOWN_REQUEUE))
+            self._retry_store(lambda: self.store.requeue(job_id, token, SHUTDOWN_REQUEUE))
             return
-        final = self._retry_store(lambda: self.store.finish(job_id, self.owner, result))
+        final = self._retry_store(lambda: self.store.finish(job_id, token, result))
         if final is None:
-            log.warning("job %s ended (%s) after another worker took it over; not recorded", job_id, result.status)
+            log.warning(
+                "job %s ended (%s) but was not recorded: its lease had passed to another worker", job_id, result.status
+            )
             return
         self.checkpoints.remove(job_id)
         if self.metrics is not None:
@@ -302,17 +339,25 @@ class Runner:
 
     def _retry_store(self, write):
         """A store write that must not be lost to a short outage: retried with backoff for up to
-        twice the lease (past that, another replica may take the job over anyway)."""
+        twice the lease. Past that, None: the job's lease lapses and another worker takes it."""
         deadline, delay = time.monotonic() + max(30.0, 2 * self.lease_s), 0.5
         while True:
             try:
                 return write()
             except Exception as err:
                 if time.monotonic() > deadline:
-                    raise
+                    log.error("job store write given up after %.0f s: %s", max(30.0, 2 * self.lease_s), err)
+                    return None
                 log.warning("job store write failed (%s); retrying in %.1f s", err, delay)
                 time.sleep(delay)
                 delay = min(10.0, delay * 2)
+
+    def _note(self, job_id: str, kind: str, data: dict) -> None:
+        """An event that is information only: a store outage must not fail the job over it."""
+        try:
+            self.store.add_event(job_id, kind, data)
+        except Exception as err:
+            log.warning("job %s: %s event not recorded: %s", job_id, kind, err)
 
     def _resume_or_restart(self, job: Job) -> None:
         """Bring the job's latest checkpoint here (a shutdown or a crash may have left one, on
@@ -330,13 +375,15 @@ class Runner:
             else "restarting from the beginning after an interruption (no checkpoint)"
         )
         log.warning("job %s: %s", job.id, reason)
-        self.store.add_event(job.id, "state", {"status": "running", "reason": reason})
+        self._note(job.id, "state", {"status": "running", "reason": reason})
 
     def _execute(self, job: Job, work: Path) -> Finish:
         job_id, community = job.id, job.community_id
         self._resume_or_restart(job)
         if job.source == "inline":
-            records = self.store.dataset(job_id) or []
+            records = self._retry_store(lambda: self.store.dataset(job_id))
+            if records is None:
+                raise StoreUnavailable("could not read the job's dataset")
             ids = None
         else:
             options = job.config.get("source_options") or {}
@@ -351,7 +398,7 @@ class Runner:
             raise SourceError(f"{len(records)} records, more than DPO_MAX_RECORDS ({self.settings.max_records})")
         # bad data fails here, in either mode, naming the record (or document)
         pairs, _ = normalise_records(records, ids=ids, max_chars=self.settings.max_field_chars)
-        self.store.add_event(job_id, "data", {"records": len(records), "pairs": len(pairs)})
+        self._note(job_id, "data", {"records": len(records), "pairs": len(pairs)})
         resolved = job.config  # model, loss and values resolved at the trigger
         values = {
             **resolved.get("values", {}),
@@ -360,7 +407,13 @@ class Runner:
         }
         cfg = compose_config(resolved.get("model") or "tiny", resolved.get("loss") or "dpo", values)
         out_dir = work / "output"
-        progress = ProgressRecorder(self.store, job_id, self.metrics, on_checkpoint=self._publish_checkpoint)
+        progress = ProgressRecorder(
+            self.store,
+            job_id,
+            self.metrics,
+            event_interval_s=5.0 if self.store.shared else 1.0,  # Firestore: ~1 write/s per document
+            on_checkpoint=self._publish_checkpoint,
+        )
 
         result = None
         if self.mode != "subprocess":
@@ -373,21 +426,21 @@ class Runner:
                 if self.mode == "inprocess":
                     raise
                 log.warning("in-process training unavailable (%s); running job %s in a subprocess", err, job_id)
-                self.store.add_event(
-                    job_id, "warning", {"message": f"in-process trainer unavailable, using a subprocess: {err}"}
-                )
+                self._note(job_id, "warning", {"message": f"in-process trainer unavailable, using a subprocess: {err}"})
         if result is None:
             result = self._train_subprocess(cfg, records, work, out_dir, progress, job_id)
 
         if self._should_stop(job_id):
             raise Stopped()
-        if not self.store.renew(job_id, self.owner, self.lease_s).held:  # one artifact per job: the owner's
-            with self._lock:
-                self._stop_requests.setdefault(job_id, "lease_lost")
+        with self._lock:
+            token = self._leases[job_id]
+        renewal = self._retry_store(lambda: self.store.renew(job_id, token, self.lease_s))
+        if renewal is None or not renewal.held:  # one artifact per job: its lease owner's
+            self._stop(job_id, "lease_lost")
             raise Stopped()
         final_eval = result.get("final_eval", {})
         if final_eval.get("eval/regressed"):
-            self.store.add_event(job_id, "warning", {"message": HELDOUT_REGRESSED})
+            self._note(job_id, "warning", {"message": HELDOUT_REGRESSED})
         stored = self.artifacts.save(out_dir, community, job_id, manifest_extra={"final_eval": final_eval})
         return Finish(
             "succeeded",
@@ -400,14 +453,17 @@ class Runner:
 
     def _publish_checkpoint(self, job_id: str, step: int) -> None:
         """The trainer wrote a checkpoint: copy it where the job's next worker looks (a shared
-        store). A failed copy is a warning; the job goes on."""
+        store). A failed copy is a warning; the job goes on. A run that lost its lease copies
+        nothing: the checkpoints are the new owner's."""
+        with self._lock:
+            if self._stop_requests.get(job_id) == "lease_lost":
+                return
         try:
             self.checkpoints.publish(job_id, step)
         except Exception as err:
             log.warning("job %s: checkpoint of step %d not copied: %s", job_id, step, err)
             return
-        with contextlib.suppress(Exception):  # the record of it is best effort, like progress
-            self.store.add_event(job_id, "checkpoint", {"step": step})
+        self._note(job_id, "checkpoint", {"step": step})
 
     def _train_inprocess(self, run_training, cancelled_type, cfg, records, ids, out_dir, progress, job_id) -> dict:
         try:

@@ -88,7 +88,12 @@ class SharedCheckpoints(LocalCheckpoints):
         target = self.directory(job_id) / STATE_FILE
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
-        bucket.blob(marker["object"]).download_to_filename(str(partial), retry=retry)
+        try:
+            bucket.blob(marker["object"]).download_to_filename(str(partial), retry=retry)
+        except NotFound:  # removed by a late publisher that had lost the job (see D29): no copy to resume
+            partial.unlink(missing_ok=True)
+            log.warning("job %s: the checkpoint %s named by %s is gone", job_id, marker["object"], self.MARKER)
+            return super().fetch(job_id)
         partial.replace(target)
         log.info("job %s: checkpoint of step %s fetched from %s", job_id, marker["step"], marker["object"])
         return True
