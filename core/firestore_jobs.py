@@ -537,6 +537,8 @@ class FirestoreJobStore:
     @_unavailable
     def requeue(self, job_id: str, owner: str, reason: str) -> bool:
         ref = self.jobs.document(job_id)
+        with self._lock:
+            self._pending.pop(job_id, None)  # its next run reports its own progress
 
         def requeue(transaction):
             snapshot = self._get(ref, transaction)

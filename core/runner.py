@@ -456,13 +456,16 @@ class Runner:
         store). A failed copy is a warning; the job goes on. A run that lost its lease copies
         nothing: the checkpoints are the new owner's."""
         with self._lock:
-            if self._stop_requests.get(job_id) == "lease_lost":
-                return
+            if self._stop_requests.get(job_id, "shutdown") != "shutdown":
+                return  # lease lost, or the job ends now (cancel, timeout): no one resumes it
         try:
             self.checkpoints.publish(job_id, step)
         except Exception as err:
             log.warning("job %s: checkpoint of step %d not copied: %s", job_id, step, err)
             return
+        with self._lock:  # a long upload is not a silent trainer
+            if job_id in self._heard:
+                self._heard[job_id] = time.monotonic()
         self._note(job_id, "checkpoint", {"step": step})
 
     def _train_inprocess(self, run_training, cancelled_type, cfg, records, ids, out_dir, progress, job_id) -> dict:
