@@ -238,7 +238,7 @@ def test_storage_down_mid_run_fails_the_job_and_leaves_no_manifest(tmp_path, toy
     env = {**emu.env, "DPO_STORAGE_RETRY_DEADLINE_S": "3"}
     with firebase_server(tmp_path / "srv", env) as srv:
         client = Client(srv.url, srv.secret)
-        job_id = client.trigger("unlucky", toy(256), {"epochs": 8}).json()["job_id"]
+        job_id = client.trigger("unlucky", toy(256), {"epochs": 5}).json()["job_id"]
         wait_for(client, job_id, states=("running",), step_at_least=1)
         emu.stop("gcs")
         ready = httpx.get(srv.url + "/ready").json()

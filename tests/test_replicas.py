@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from tests.service_helpers import FAST, wait_for
-from tools.emulators import Emulators
 from tools.serve import Server
 from tools.trigger import Client
 
@@ -33,11 +32,13 @@ def replica_env(emulator_env: dict) -> dict:
     }
 
 
-@pytest.fixture
-def replicas(firebase_env, tmp_path):
-    """Replicas A and B (one worker each) on one emptied emulator project, started together."""
-    a = Server(tmp_path / "a", env=replica_env(firebase_env))
-    b = Server(tmp_path / "b", env=replica_env(firebase_env), secret=a.secret)
+@pytest.fixture(scope="module")
+def replicas(emulators, tmp_path_factory):
+    """Replicas A and B (one worker each) on one emulator project, started together once for
+    the module (the take-over test, which kills one, runs last)."""
+    root = tmp_path_factory.mktemp("replicas")
+    a = Server(root / "a", env=replica_env(emulators.env))
+    b = Server(root / "b", env=replica_env(emulators.env), secret=a.secret)
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda s: s.start(), (a, b)))
     yield a, b
@@ -60,14 +61,15 @@ def blobs(env, prefix: str) -> list[str]:
     return sorted(b.name for b in clients.bucket().list_blobs(prefix=prefix))
 
 
-def test_200_concurrent_triggers_over_two_replicas_make_exactly_the_jobs_expected(replicas, toy):
+def test_200_concurrent_triggers_over_two_replicas_make_exactly_the_jobs_expected(firebase_env, replicas, toy):
     a, b = replicas
     clients = [Client(a.url, a.secret, timeout=60), Client(b.url, b.secret, timeout=60)]
     # one long job per replica holds its worker, so the burst stays queued
     blockers = [clients[i].trigger(f"blocker-{i}", toy(64), {"epochs": 100}).json()["job_id"] for i in range(2)]
 
     def fire(i: int):
-        client = clients[i % 2]  # spread over both, as a load balancer would
+        server = replicas[i % 2]  # spread over both, as a load balancer would
+        client = Client(server.url, server.secret, timeout=60)  # a connection each, as separate callers
         if i < 100:  # 100 communities, no key: a job each
             return client.trigger(f"solo-{i}", DATASET, FAST)
         # 25 communities, 4 triggers each over both replicas: two with the community's key
@@ -116,10 +118,28 @@ def test_200_concurrent_triggers_over_two_replicas_make_exactly_the_jobs_expecte
         assert wait_for(clients[0], job_id)["status"] == "cancelled"
 
 
-def test_a_replica_killed_mid_job_is_taken_over_and_the_job_resumes_from_its_checkpoint(replicas, toy, firebase_env):
+def test_cancel_through_one_replica_stops_the_job_running_on_the_other(firebase_env, replicas, toy):
+    a, _ = replicas
+    client = Client(a.url, a.secret)
+    job_id = client.trigger("cancel-across", toy(256), {"epochs": 20}).json()["job_id"]
+    wait_for(client, job_id, states=("running",), step_at_least=2)
+    runner = runner_of(client, job_id, replicas)
+    other = next(s for s in replicas if s is not runner)
+    asked = time.time()
+    response = Client(other.url, other.secret).post(f"/jobs/{job_id}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "running"
+    job = wait_for(client, job_id, timeout_s=60)
+    assert job["status"] == "cancelled" and job["artifact"] is None
+    assert time.time() - asked < LEASE_S + 5  # at its next lease renewal, then its next step
+    assert job["progress"]["step"] < job["progress"]["total_steps"]
+    assert blobs(firebase_env, f"policies/cancel-across/{job_id}/") == []
+    assert blobs(firebase_env, f"checkpoints/{job_id}/") == []
+
+
+def test_a_replica_killed_mid_job_is_taken_over_and_the_job_resumes_from_its_checkpoint(firebase_env, replicas, toy):
     a, b = replicas
     client = Client(a.url, a.secret)
-    job_id = client.trigger("takeover", toy(256), {"epochs": 3}).json()["job_id"]
+    job_id = client.trigger("takeover", toy(128), {"epochs": 3}).json()["job_id"]
     wait_for(client, job_id, states=("running",), step_at_least=7)
     while not any(e["kind"] == "checkpoint" for e in client.get(f"/jobs/{job_id}/events").json()["events"]):
         time.sleep(0.1)  # its first checkpoint is in the bucket
@@ -144,30 +164,12 @@ def test_a_replica_killed_mid_job_is_taken_over_and_the_job_resumes_from_its_che
     print(f"takeover: {taken[0]['ts'] - killed_at:.2f} s after the kill (lease {LEASE_S} s)")
 
 
-def test_cancel_through_one_replica_stops_the_job_running_on_the_other(replicas, toy, firebase_env):
-    a, _ = replicas
-    client = Client(a.url, a.secret)
-    job_id = client.trigger("cancel-across", toy(256), {"epochs": 20}).json()["job_id"]
-    wait_for(client, job_id, states=("running",), step_at_least=2)
-    runner = runner_of(client, job_id, replicas)
-    other = next(s for s in replicas if s is not runner)
-    asked = time.time()
-    response = Client(other.url, other.secret).post(f"/jobs/{job_id}/cancel")
-    assert response.status_code == 200 and response.json()["status"] == "running"
-    job = wait_for(client, job_id, timeout_s=60)
-    assert job["status"] == "cancelled" and job["artifact"] is None
-    assert time.time() - asked < LEASE_S + 5  # at its next lease renewal, then its next step
-    assert job["progress"]["step"] < job["progress"]["total_steps"]
-    assert blobs(firebase_env, f"policies/cancel-across/{job_id}/") == []
-    assert blobs(firebase_env, f"checkpoints/{job_id}/") == []
-
-
-def test_a_replica_that_loses_firestore_answers_503_and_loses_no_job(tmp_path, toy):
-    with Emulators(tmp_path / "emu") as emu, Server(tmp_path / "srv", env=replica_env(emu.env)) as srv:
+def test_a_replica_that_loses_firestore_answers_503_and_loses_no_job(firebase_env, emulators, tmp_path, toy):
+    with Server(tmp_path / "srv", env=replica_env(firebase_env)) as srv:
         client = Client(srv.url, srv.secret)
         job_id = client.trigger("partition", toy(128), {"epochs": 3}).json()["job_id"]
         wait_for(client, job_id, states=("running",), step_at_least=1)
-        emu.pause("firestore")
+        emulators.pause("firestore")  # frozen: its port stays open, nothing answers
         try:
             started = time.time()
             ready = httpx.get(srv.url + "/ready", timeout=30)
@@ -177,7 +179,7 @@ def test_a_replica_that_loses_firestore_answers_503_and_loses_no_job(tmp_path, t
             assert time.time() - started < 30
             assert httpx.get(srv.url + "/health").status_code == 200
         finally:
-            emu.pause("firestore", False)
+            emulators.pause("firestore", False)
         job = wait_for(client, job_id, timeout_s=300)
         assert job["status"] == "succeeded", job["error"]
         assert httpx.get(srv.url + "/ready").status_code == 200
