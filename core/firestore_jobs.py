@@ -12,8 +12,10 @@ Documents (the collection name is DPO_FIRESTORE_JOBS_COLLECTION, `dpo_jobs` by d
 - `dpo_jobs_datasets/{jobId}`: a queued inline dataset (JSON), or `datasets/{jobId}.json` in the
   bucket when it is too large for a document. Removed when the job ends.
 
-Every change of a job's state is one transaction that also checks who may make it (a lease owner
-finishing, a cancel of a job still queued), so two replicas can never both win. Indexes the
+A job is created by one batch of document creates (a document that exists fails it: the
+community rule and idempotency keys); every later change of its state is one transaction that
+also checks who may make it (a lease owner finishing, a cancel of a job still queued), so two
+replicas can never both win. Indexes the
 queries need outside the emulator: firestore.indexes.json.
 """
 
@@ -223,12 +225,13 @@ class FirestoreJobStore:
                     batch.create(active_ref, {"jobId": job.id, "communityId": new.community_id})
                 if key_ref is not None:
                     batch.create(key_ref, {"jobId": job.id, "bodySha256": new.body_sha256, "createdAt": now})
-                if self._commit_creates(batch):
+                if self._commit_creates(batch, ref):
                     self._changed(job.id)
                     return job, True
                 answer = self._known_key(key_ref, new, job) if key_ref is not None else None
                 if answer is not None:
-                    self._drop_blob(dataset_doc)
+                    if answer[0].id != job.id:
+                        self._drop_blob(dataset_doc)
                     return answer
                 if new.one_per_community:
                     active = self._get(active_ref)
@@ -238,15 +241,16 @@ class FirestoreJobStore:
                         raise ActiveJobConflict(holder_id)
                     if holder_id:  # left by a job that ended without removing it
                         self._delete_if(active_ref, holder_id)
-        except BaseException:
+        except (ActiveJobConflict, IdempotencyConflict):
             self._drop_blob(dataset_doc)
             raise
         self._drop_blob(dataset_doc)
         raise StoreUnavailable("could not create the job: its documents kept changing under it")
 
-    @staticmethod
-    def _commit_creates(batch) -> bool:
-        """False when one of the documents already exists (nothing was written)."""
+    def _commit_creates(self, batch, job_ref) -> bool:
+        """False when one of the documents already exists (nothing was written). Any other error
+        may come after the batch was applied: the job's document says whether it was (if even
+        that read fails, the error goes up and a large dataset's object is kept, not lost)."""
         from google.api_core.exceptions import Conflict
 
         try:
@@ -254,6 +258,10 @@ class FirestoreJobStore:
             return True
         except Conflict:
             return False
+        except Exception:
+            if self._get(job_ref).exists:
+                return True
+            raise
 
     def _known_key(self, key_ref, new: NewJob, ours: Job | None) -> tuple[Job, bool] | None:
         """The answer for an Idempotency-Key already used, or None if it is free (an expired one
@@ -296,7 +304,12 @@ class FirestoreJobStore:
             return None
         data = snapshot.to_dict()
         if data.get("blob"):
-            return json.loads(self.clients.bucket().blob(data["blob"]).download_as_bytes(timeout=120))
+            from google.api_core.exceptions import NotFound
+
+            try:
+                return json.loads(self.clients.bucket().blob(data["blob"]).download_as_bytes(timeout=120))
+            except NotFound:
+                return None
         return json.loads(data["json"])
 
     def _dataset_document(self, job_id: str, dataset: list) -> dict:

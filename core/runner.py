@@ -38,6 +38,7 @@ STARTUP_ALLOWANCE_S = 120  # a trainer subprocess's first line may take this lon
 EXITED_GRACE_S = 5  # a trainer that exited but whose pipe stays open (a leftover child) is ended after this
 MAX_ATTEMPTS = 3  # take-overs after a crash before a job is failed 'interrupted' (with a checkpoint)
 SHUTDOWN_REQUEUE = "stopped by a server shutdown; resumes from its checkpoint on the next worker"
+STILL_STOPPING = "claimed while this replica's earlier run of it was still stopping; queued again"
 HELDOUT_REGRESSED = (
     "held-out metrics got worse during training (higher loss or lower reward margin than the initial"
     " model): the data may be inconsistent, or the learning rate too high; final_eval has eval/regressed"
@@ -137,8 +138,15 @@ class Runner:
         taken the job by now) stops it too, and this replica drops its run."""
         tick = max(0.2, min(2.0, self.lease_s / 6))
         while not self._keeper_done.wait(tick):
+            limit, now = self.settings.job_timeout_s, time.monotonic()
             with self._lock:
                 held = dict(self._leases)
+                ages = {job_id: now - started for job_id, started in self._started.items()}
+            for job_id, age in ages.items():  # a run checks its limit at step boundaries; a hung one never does
+                if age > limit:
+                    self._stop(job_id, "timeout")
+                if age > limit + 2 * self.lease_s:
+                    held.pop(job_id, None)  # still there: let the lease lapse, so another worker takes the job
             for job_id, token in held.items():
                 try:
                     renewal = self.store.renew(job_id, token, self.lease_s)
@@ -183,7 +191,9 @@ class Runner:
             held = dict(self._leases)
         for job_id, token in held.items():
             with contextlib.suppress(Exception):
-                self.store.requeue(job_id, token, SHUTDOWN_REQUEUE)
+                if self.store.requeue(job_id, token, SHUTDOWN_REQUEUE):
+                    with self._lock:  # the run, if it still goes on, no longer owns the job
+                        self._stop_requests[job_id] = "lease_lost"
         self._keeper_done.set()
         self.callbacks.stop()
 
@@ -255,17 +265,19 @@ class Runner:
             else:
                 self._leases[job_id], self._renewed[job_id] = token, time.monotonic()  # the keeper renews it
                 self._started[job_id] = time.monotonic()
-        if duplicate or self._stopping.is_set():  # claimed just as a shutdown began, or a duplicate
-            self._retry_store(lambda: self.store.requeue(job_id, token, SHUTDOWN_REQUEUE))
-            if not duplicate:
-                self._forget(job_id)
+        if duplicate:
+            self._retry_store(lambda: self.store.requeue(job_id, token, STILL_STOPPING))
+            self._wake.wait(timeout=1.0)  # the earlier run needs a moment to stop; do not claim it straight back
             return
-        work = self.settings.work_root / job_id
-        work.mkdir(parents=True, exist_ok=True)
         started = time.time()
         reason = None
         try:
+            if self._stopping.is_set():  # claimed just as a shutdown began
+                self._retry_store(lambda: self.store.requeue(job_id, token, SHUTDOWN_REQUEUE))
+                return
+            work = self.settings.work_root / job_id
             try:
+                work.mkdir(parents=True, exist_ok=True)
                 result = self._execute(job, work)
             except Stopped:
                 reason = self._stop_requests.get(job_id)
@@ -362,7 +374,10 @@ class Runner:
     def _resume_or_restart(self, job: Job) -> None:
         """Bring the job's latest checkpoint here (a shutdown or a crash may have left one, on
         any replica); after a crash, resume from it or, without one, restart once."""
-        has_checkpoint = self.checkpoints.fetch(job.id)
+        try:
+            has_checkpoint = self.checkpoints.fetch(job.id)
+        except Exception as err:
+            raise StorageError(f"could not fetch the job's checkpoint: {type(err).__name__}: {err}"[:1000]) from err
         if not job.attempts:
             return
         if job.attempts > MAX_ATTEMPTS or (not has_checkpoint and job.attempts > 1):
@@ -381,9 +396,9 @@ class Runner:
         job_id, community = job.id, job.community_id
         self._resume_or_restart(job)
         if job.source == "inline":
-            records = self._retry_store(lambda: self.store.dataset(job_id))
+            records = self.store.dataset(job_id)  # StoreUnavailable: left to whoever takes the job next
             if records is None:
-                raise StoreUnavailable("could not read the job's dataset")
+                raise StorageError("the job's inline dataset is missing from the job store")
             ids = None
         else:
             options = job.config.get("source_options") or {}
@@ -458,6 +473,8 @@ class Runner:
         with self._lock:
             if self._stop_requests.get(job_id, "shutdown") != "shutdown":
                 return  # lease lost, or the job ends now (cancel, timeout): no one resumes it
+            if time.monotonic() - self._renewed.get(job_id, 0.0) > self.lease_s / 2:
+                return  # not renewed lately: the lease may be another worker's by now
         try:
             self.checkpoints.publish(job_id, step)
         except Exception as err:

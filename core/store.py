@@ -3,7 +3,7 @@
 Two implementations, chosen by DPO_JOB_STORE:
 - `sqlite` (core/jobs.py): one file on local disk, one replica. The embedded default.
 - `firestore` (core/firestore_jobs.py): `dpo_jobs/{jobId}` documents, many replicas behind one
-  load balancer. Every state change is a Firestore transaction.
+  load balancer. A job is created by one atomic batch; every later state change is a transaction.
 
 Both hold jobs under a lease: the worker that claims a job is its `lease_owner` until
 `lease_until`, and renews the lease while it trains. A job whose lease ran out (its worker or its
