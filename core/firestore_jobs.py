@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from core.schemas import job_view
 from core.store import (
     ACTIVE,
     CANCELLED_QUEUED,
@@ -59,9 +60,7 @@ CONTENTION_S = 30.0  # a transaction that keeps losing to concurrent ones gives 
 
 
 def to_document(job: Job) -> dict:
-    from core.schemas import job_view  # the view is the document body: one shape for the API and watchers
-
-    return {
+    return {  # the API's view is the document's body: one shape for clients and snapshot listeners
         **job_view(job),
         "attempts": job.attempts,
         "leaseOwner": job.lease_owner,
@@ -596,26 +595,9 @@ class FirestoreJobStore:
         return [{**d.to_dict(), "data": json.loads(d.get("data"))} for d in query.stream(timeout=TIMEOUT_S, retry=None)]
 
     # -- the callback outbox (fields of the job document) ------------------------------------
-    @_unavailable
     def enqueue_callback(self, job_id: str, url: str, body: str) -> None:
-        """Nothing to do for a job whose end queued its callback (finish and cancel do, in their
-        transaction); kept for the interface."""
-        ref = self.jobs.document(job_id)
-        if self._get(ref).to_dict().get("callbackState") is not None:
-            return
-
-        def enqueue(transaction):
-            snapshot = self._get(ref, transaction)
-            if snapshot.exists and snapshot.to_dict().get("callbackState") is None:
-                fields = {
-                    "callbackState": "pending",
-                    "callbackBody": body,
-                    "callbackAttempts": 0,
-                    "callbackNextAt": 0.0,
-                }
-                transaction.update(ref, fields)
-
-        self._run(enqueue)
+        """Nothing to do: a job's end (finish, or a cancel while queued) queues its callback in
+        the same transaction."""
 
     @_unavailable
     def due_callbacks(self, now: float, limit: int = 16) -> list[dict]:
@@ -702,8 +684,6 @@ def _callback_fields(data: dict, update: dict) -> dict:
     """A job's end queues its callback in the same transaction (no gap a crash could fall into)."""
     if not data.get("callbackUrl"):
         return {}
-    from core.schemas import job_view
-
     body = json.dumps(job_view(from_document({**data, **update})))
     return {"callbackState": "pending", "callbackBody": body, "callbackAttempts": 0, "callbackNextAt": 0.0}
 
