@@ -16,15 +16,19 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from training import distributed
 from training.config import CONFIG_DIR, resolve_path
 from training.facade import run_training
 from training.loop import TrainingCancelled
 from training.records import RecordError, load_records_file
 
 _stdout_lock = threading.Lock()  # the heartbeat thread and the trainer write whole lines, never interleaved
+_MAIN = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 speaks for the job
 
 
 def _emit(kind: str, payload: dict) -> None:
+    if not _MAIN:
+        return
     line = f"@{kind} " + json.dumps(payload) + "\n"
     with _stdout_lock:
         sys.stdout.write(line)
@@ -62,6 +66,10 @@ def main(cfg: DictConfig) -> None:
     except TrainingCancelled as err:
         _emit("error", {"type": "stopped", "message": str(err)})
         sys.exit(3)
+    finally:
+        distributed.close()
+    if not _MAIN:
+        return
     final = result.metrics.get("final_eval", {})
     _emit("result", {"output_dir": str(result.output_dir), "files": result.files, "final_eval": final})
     acc = final.get("eval/rewards/accuracies")

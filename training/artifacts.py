@@ -52,15 +52,20 @@ def save_plot(path: Path, history: list[dict], evals: list[dict]) -> None:
     plt.close(fig)
 
 
-def save_run(output_dir: Path, policy, tokenizer, cfg, state, extra: dict, weights_dtype) -> dict:
+def save_run(output_dir: Path, policy, tokenizer, cfg, state, extra: dict, weights_dtype, weights=None) -> dict:
     """Everything a user needs to load and judge the result. Returns the metrics dict.
 
     Full weights are saved in `weights_dtype` (the dtype the model came in: fp32 master weights
-    of a bf16 model are saved in bf16); a LoRA adapter is saved as trained (fp32)."""
+    of a bf16 model are saved in bf16); a LoRA adapter is saved as trained (fp32). `weights`: the
+    full state dict of a model sharded over several ranks (gathered on this one), saved instead."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    if not hasattr(policy, "peft_config"):
-        policy.to(weights_dtype)  # training is over: the master copy is no longer needed
-    policy.save_pretrained(output_dir, safe_serialization=True)  # full model, or only the LoRA adapter
+    if weights is not None:
+        weights = {name: t.to(weights_dtype) if t.is_floating_point() else t for name, t in weights.items()}
+        policy.save_pretrained(output_dir, state_dict=weights, safe_serialization=True)
+    else:
+        if not hasattr(policy, "peft_config"):
+            policy.to(weights_dtype)  # training is over: the master copy is no longer needed
+        policy.save_pretrained(output_dir, safe_serialization=True)  # full model, or only the LoRA adapter
     tokenizer.save_pretrained(output_dir)
     (output_dir / "training_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     metrics = save_metrics(output_dir / "metrics.json", state, extra)

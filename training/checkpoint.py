@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
-A checkpoint holds the trainable weights (the full model, or only the LoRA adapter), the
-optimizer and scheduler state, the RNG states, the data position (epoch, batches done, the
+A checkpoint holds the trainable weights (the full model, or only the LoRA adapter) and the
+optimizer state, saved with DCP (torch.distributed.checkpoint: each rank writes its shards, and
+a run on another number of ranks reshards them on load), then the scheduler state, the RNG states, the data position (epoch, batches done, the
 shuffling generator's state at the epoch's start), the metrics so far and the precomputed
 reference log-probs (the reference is the *initial* policy: it must not be recomputed from a
 resumed one), and a fingerprint of the config, data and layout it belongs to: a checkpoint of
@@ -17,8 +18,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from training.distributed import Ranks, barrier
 
 NAME = "checkpoint"
+WEIGHTS = "weights"  # the DCP directory inside a checkpoint: the trainable weights and the optimizer state
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # LoRA: the adapter only, not the frozen base
 
 
 def run_fingerprint(cfg, examples, layout: dict) -> str:
@@ -35,46 +41,77 @@ def run_fingerprint(cfg, examples, layout: dict) -> str:
 
 
 def save_checkpoint(
-    directory: Path, policy, optimizer, scheduler, state, position: dict, precomputed, fingerprint: str
+    directory: Path, policy, optimizer, scheduler, state, position: dict, precomputed, fingerprint: str, ranks=None
 ) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write the run's checkpoint; with several ranks every rank calls it (the weights and the
+    optimizer state are saved with DCP, each rank writing its own shards)."""
+    ranks = ranks or Ranks()
     final, staging, old = directory / NAME, directory / f"{NAME}.tmp", directory / f"{NAME}.old"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    trainable = {name: p.detach().cpu() for name, p in policy.named_parameters() if p.requires_grad}
-    torch.save(
-        {
-            "trainable": trainable,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "position": position,  # {"epoch", "batches_done", "generator_state"}
-            "step": state.step,
-            "history": state.history,
-            "evals": state.evals,
-            "fingerprint": fingerprint,
-            "precomputed": None if precomputed is None else [t.detach().cpu() for t in precomputed],
-        },
-        staging / "state.pt",
-    )
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    if ranks.main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier(ranks)
+    run = {
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "position": position,  # {"epoch", "batches_done", "generator_state"}
+        "step": state.step,
+        "history": state.history,
+        "evals": state.evals,
+        "fingerprint": fingerprint,
+        "precomputed": None if precomputed is None else [t.detach().cpu() for t in precomputed],
+    }
+    if uses_dcp(optimizer):
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optim_state = get_state_dict(policy, optimizer, options=_OPTIONS)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging / WEIGHTS))
+        run["format"] = "dcp"
+    else:  # bitsandbytes' 8-bit optimizers: a plain state dict (their runs are replicated or single)
+        run["trainable"] = {name: p.detach().cpu() for name, p in policy.named_parameters() if p.requires_grad}
+        run["optimizer"] = optimizer.state_dict()
+        run["format"] = "torch"
+    if ranks.main:
+        torch.save(run, staging / "state.pt")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier(ranks)
     return final
 
 
+def uses_dcp(optimizer) -> bool:
+    """DCP (any number of ranks, resharded on load) for torch's optimizers; bitsandbytes' keep
+    their own state dict."""
+    return type(optimizer).__module__.startswith("torch.")
+
+
 def load_checkpoint(directory: Path | None) -> dict | None:
+    """The run state of the checkpoint in `directory` (without the weights: restore_training_state)."""
     path = None if directory is None else Path(directory) / NAME / "state.pt"
     if path is None or not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def restore_weights(policy, checkpoint: dict) -> None:
+def restore_training_state(directory: Path, checkpoint: dict, policy, optimizer) -> None:
+    """The checkpoint's weights and optimizer state into `policy` and `optimizer`, whatever the
+    number of ranks now and when it was written (DCP reshards)."""
+    if checkpoint.get("format") == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optim_state = get_state_dict(policy, optimizer, options=_OPTIONS)  # the templates to fill
+        loaded = {"model": model_state, "optim": optim_state}
+        dcp.load(loaded, checkpoint_id=str(Path(directory) / NAME / WEIGHTS))
+        set_state_dict(
+            policy, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=_OPTIONS
+        )
+        return
     params = dict(policy.named_parameters())
     with torch.no_grad():
         for name, value in checkpoint["trainable"].items():
             params[name].copy_(value.to(params[name].device))
+    optimizer.load_state_dict(checkpoint["optimizer"])

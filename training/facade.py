@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from training import distributed
 from training.loop import ProgressFn, StopFn, train_policy
 from training.memory import check_memory
-from training.model import load_policy, load_tokenizer, model_path, pick_device, set_threads
+from training.model import load_policy, load_tokenizer, model_path, set_threads
 from training.precision import check_precision
 from training.records import normalise_records
 from training.tokenize import tokenize_pairs
@@ -59,7 +60,7 @@ def run_training(
 
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    device = pick_device(cfg.train.device)
+    ranks, device = distributed.init(cfg.train.device)  # under torchrun: this rank's device, in the job's group
     check_precision(cfg.train.precision)
     estimate = check_memory(cfg, model_path(cfg.model), device)  # before loading: fail in seconds, not at OOM
     policy, path, source_dtype = load_policy(cfg.model, cfg.train.precision, device)
@@ -68,6 +69,10 @@ def run_training(
     state = train_policy(policy, examples, tokenizer.pad_token_id, cfg, on_progress, should_stop)
 
     out = Path(cfg.output_dir)
+    weights = distributed.full_state_dict(policy, ranks)  # sharded: gathered on rank 0 (every rank takes part)
+    if not ranks.main:  # rank 0 writes the artifact
+        distributed.barrier(ranks)
+        return TrainingResult(out, {}, [])
     extra = {
         "dataset": {"records": len(records), "pairs": len(pairs), "skipped_records": len(skipped)},
         "model": {
@@ -77,10 +82,12 @@ def run_training(
             "saved_dtype": "float32" if cfg.model.lora.enabled else str(source_dtype).removeprefix("torch."),
         },
         "memory_estimate_gib": estimate.as_dict() if estimate else None,
+        "processes": ranks.world,
         "wall_s": time.perf_counter() - started,
     }
-    metrics = save_run(out, policy, tokenizer, cfg, state, extra, source_dtype)
+    metrics = save_run(out, policy, tokenizer, cfg, state, extra, source_dtype, weights)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    distributed.barrier(ranks)
     return TrainingResult(out, metrics, files)
 
 

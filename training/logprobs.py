@@ -82,14 +82,30 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def decoder_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden states for a batch, taken through the model's own forward (with
+    the LM head on one position only): a model sharded with FSDP2 gathers its root weights
+    (embeddings, final norm, a tied LM head) in that forward, and keeps them for the head below."""
+    captured = {}
+    hook = model.get_decoder().register_forward_hook(
+        lambda module, args, output: captured.__setitem__("hidden", output.last_hidden_state)
+    )
+    try:
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            logits_to_keep=1,
+        )
+    finally:
+        hook.remove()
+    return captured["hidden"]
+
+
 def shared_token_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024):
     """Per-token logps of a shared-prefix batch and the sequence of each (i chosen, B+i rejected)."""
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).last_hidden_state
+    hidden = decoder_states(model, batch)
     picked = hidden[batch["score_rows"], batch["score_cols"]]  # (M, H)
     targets = batch["score_targets"]
     token_logps = []

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from training import distributed
 from training.batching import batch_tokens, check_forward_budget, collate, collate_shared_prefix
-from training.checkpoint import load_checkpoint, restore_weights, run_fingerprint, save_checkpoint
+from training.checkpoint import load_checkpoint, restore_training_state, run_fingerprint, save_checkpoint
+from training.distributed import Ranks
 from training.layout import choose_layout
 from training.logprobs import model_logps
 from training.losses import preference_loss
@@ -137,6 +139,11 @@ class PairBatches:
         by_width = sorted(indices, key=self.width, reverse=True)
         return micro_batches(by_width, self.width, self.rows_per_pair, self.budget)
 
+    def rank_passes(self, indices: list[int], ranks: Ranks) -> list[tuple[list[int], bool]]:
+        """This rank's share of `indices` in passes, with whether each counts: with several ranks,
+        passes that count for nothing pad a rank to the busiest rank's number (distributed.lockstep)."""
+        return distributed.lockstep(self.passes(distributed.shard(indices, ranks)), indices[:1], ranks, self.device)
+
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.collate([self.examples[i] for i in indices], self.pad_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -155,22 +162,25 @@ def reference_logps_for(reference: Reference | None, precomputed, batch, loss_cf
     return chosen, rejected
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 reuses buffers gathered here when training
 def precompute_reference(
-    reference: Reference, batches: PairBatches, n: int, batch_size: int, loss_cfg, chunk: int, forward
+    reference: Reference, batches: PairBatches, n: int, batch_size: int, loss_cfg, chunk: int, forward, ranks: Ranks
 ):
     """Reference log-probs of every example, once, before training starts (sorted by length so
-    batches carry almost no padding; no autograd bookkeeping). `forward`: the compute context."""
+    batches carry almost no padding; no autograd bookkeeping). `forward`: the compute context.
+    Several ranks each score their share of every batch; the sum over ranks fills in the rest."""
     chosen = torch.zeros(n, device=batches.device)
     rejected = torch.zeros(n, device=batches.device)
     order = sorted(range(n), key=batches.length)
     for start in range(0, n, batch_size):
-        for idx in batches.passes(order[start : start + batch_size]):
+        for idx, counts in batches.rank_passes(order[start : start + batch_size], ranks):
             batch = batches(idx)
             with reference.active() as ref_model, forward():
                 c, r, _ = model_logps(ref_model, batch, loss_cfg.average_log_prob, chunk)
-            chosen[batch["index"]], rejected[batch["index"]] = c, r
-    return chosen, rejected
+            if counts:
+                chosen[batch["index"]], rejected[batch["index"]] = c, r
+    distributed.reshard(reference.model)
+    return distributed.sum_across(chosen, ranks), distributed.sum_across(rejected, ranks)
 
 
 def step_batches(order: list[int], batch_size: int) -> list[list[int]]:
@@ -220,31 +230,55 @@ def batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk: int):
     return out, chosen.detach(), rejected.detach()
 
 
-def summarise(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, prefix: str = "") -> dict:
-    """The standard DPO metrics over a set of examples."""
-    return {
-        f"{prefix}loss": losses.mean().item(),
-        f"{prefix}rewards/chosen": chosen_rewards.mean().item(),
-        f"{prefix}rewards/rejected": rejected_rewards.mean().item(),
-        f"{prefix}rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-        f"{prefix}rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-        f"{prefix}logps/chosen": chosen_logps.mean().item(),
-        f"{prefix}logps/rejected": rejected_logps.mean().item(),
-    }
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
-@torch.inference_mode()
-def evaluate(policy, batches, indices, reference, precomputed, loss_cfg, batch_size: int, chunk: int, forward) -> dict:
+def metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> torch.Tensor:
+    """The sums over pairs behind each of METRICS, then the number of pairs (float64, on the
+    device): sums from several passes or ranks add up, and the means come from one host sync."""
+    values = (
+        losses,
+        chosen_rewards,
+        rejected_rewards,
+        (chosen_rewards > rejected_rewards).float(),
+        chosen_rewards - rejected_rewards,
+        chosen_logps,
+        rejected_logps,
+    )
+    sums = [v.detach().double().sum() for v in values]
+    return torch.stack([*sums, torch.tensor(float(losses.numel()), dtype=torch.float64, device=losses.device)])
+
+
+def summarise(sums: torch.Tensor, prefix: str = "") -> dict:
+    """The standard DPO metrics (means over pairs) from metric_sums, summed over passes and ranks."""
+    *totals, n = sums.tolist()
+    return {f"{prefix}{name}": total / max(n, 1.0) for name, total in zip(METRICS, totals, strict=True)}
+
+
+@torch.no_grad()  # not inference_mode: FSDP2 reuses buffers gathered here when training
+def evaluate(
+    policy, batches, indices, reference, precomputed, loss_cfg, batch_size: int, chunk: int, forward, ranks: Ranks
+) -> dict:
     was_training = policy.training
     policy.eval()
-    parts = []
+    sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=batches.device)
     for start in range(0, len(indices), batch_size):
-        for idx in batches.passes(indices[start : start + batch_size]):
+        for idx, counts in batches.rank_passes(indices[start : start + batch_size], ranks):
             with forward():
                 out, c, r = batch_loss(policy, batches(idx), reference, precomputed, loss_cfg, chunk)
-            parts.append((out.losses, out.chosen_rewards, out.rejected_rewards, c, r))
+            if counts:
+                sums += metric_sums(out.losses, out.chosen_rewards, out.rejected_rewards, c, r)
+    distributed.reshard(policy)
     policy.train(was_training)
-    return summarise(*(torch.cat(p) for p in zip(*parts, strict=True)), prefix="eval/")
+    return summarise(distributed.sum_across(sums, ranks), prefix="eval/")
 
 
 def train_policy(
@@ -262,18 +296,24 @@ def train_policy(
     """
     tcfg, loss_cfg = cfg.train, cfg.loss
     device = next(policy.parameters()).device
+    ranks = distributed.current()  # one process, or this one's place among torchrun's
     forward = compute_context(tcfg.precision, device)  # bf16 autocast around forward passes, or nothing
     chunk = tcfg.logprob_chunk_size
     torch.manual_seed(tcfg.seed)
     train_idx, eval_idx = split_train_eval(len(examples), cfg.data.eval_fraction, cfg.data.max_eval_examples, tcfg.seed)
-    emit = on_progress or (lambda event: None)
-    stop = should_stop or (lambda: False)
+    emit = on_progress if on_progress is not None and ranks.main else (lambda event: None)
+
+    def stop() -> bool:  # every rank stops at the same step boundary, or none does
+        return distributed.any_across(should_stop is not None and should_stop(), ranks, device)
+
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
+    distributed.parallelize(policy, tcfg.precision, ranks, device)  # several ranks: FSDP2 for a full fine-tune
     budget = check_forward_budget(cfg.model.max_forward_tokens)
     shared, layout = choose_layout(
         policy, examples, pad_id, tcfg.shared_prefix, budget, forward, compute_dtype(tcfg.precision, policy)
     )
+    distributed.reshard(policy)
     emit({"kind": "layout", **layout})
     if tcfg.shared_prefix and not shared:
         emit({"kind": "warning", "message": f"using separate chosen/rejected rows: {layout['reason']}"})
@@ -294,13 +334,17 @@ def train_policy(
             raise ValueError(f"train.reference: expected precompute | live, got {tcfg.reference!r}")
         is_lora = hasattr(policy, "disable_adapter")
         mode = "adapter" if is_lora else "copy" if tcfg.reference == "live" else "self"
+        if mode == "copy" and ranks.distributed:
+            raise ValueError(
+                "train.reference: live needs a frozen copy of the model, not offered on several processes; use precompute"
+            )
         reference = Reference(policy, mode)  # before a checkpoint's weights load: the reference is the initial policy
         if tcfg.reference == "precompute":
             if resume is not None and resume["precomputed"] is not None:
                 precomputed = tuple(t.to(device) for t in resume["precomputed"])
             else:
                 precomputed = precompute_reference(
-                    reference, batches, len(examples), tcfg.batch_size, loss_cfg, chunk, forward
+                    reference, batches, len(examples), tcfg.batch_size, loss_cfg, chunk, forward, ranks
                 )
             reference = None
 
@@ -312,13 +356,13 @@ def train_policy(
     state = TrainState(total_steps=total, layout=layout)
 
     params = [p for p in policy.parameters() if p.requires_grad]
+    replicated = ranks.distributed and not distributed.is_sharded(policy)  # LoRA: gradients averaged here
     optimizer = make_optimizer(params, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.scheduler, tcfg.warmup_steps, total))
     generator = torch.Generator().manual_seed(tcfg.seed)
     start_epoch, skip = 0, 0
     if resume is not None:
-        restore_weights(policy, resume)
-        optimizer.load_state_dict(resume["optimizer"])
+        restore_training_state(checkpoint_dir, resume, policy, optimizer)
         scheduler.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["torch_rng"])
         if resume["cuda_rng"] is not None and torch.cuda.is_available():
@@ -331,7 +375,9 @@ def train_policy(
 
     def run_eval() -> None:
         """Held-out metrics now, recorded in state.evals (kept in checkpoints) and emitted."""
-        result = evaluate(policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk, forward)
+        result = evaluate(
+            policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk, forward, ranks
+        )
         if state.evals and state.step == total:  # the end: flag a job that made the held-out set worse
             result["eval/regressed"] = heldout_regressed(state.evals[0], result)
         state.evals.append({"step": state.step, **result})
@@ -345,7 +391,9 @@ def train_policy(
     def checkpoint(epoch: int, batches_done: int, generator_state) -> None:
         if checkpoint_dir is not None:
             position = {"epoch": epoch, "batches_done": batches_done, "generator_state": generator_state}
-            save_checkpoint(checkpoint_dir, policy, optimizer, scheduler, state, position, precomputed, fingerprint)
+            save_checkpoint(
+                checkpoint_dir, policy, optimizer, scheduler, state, position, precomputed, fingerprint, ranks
+            )
             emit({"kind": "checkpoint", "step": state.step, "total_steps": total})  # a shared store copies it now
 
     for epoch in range(start_epoch, tcfg.epochs):
@@ -361,26 +409,32 @@ def train_policy(
                 checkpoint(epoch, position, epoch_generator_state)
                 raise TrainingCancelled(f"cancelled before step {state.step + 1} of {total}")
             step_start = time.perf_counter()
-            parts, tokens = [], 0
-            for micro in batches.passes(indices):
+            sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=device)  # + the step's tokens
+            for micro, counts in batches.rank_passes(indices, ranks):
                 batch = batches(micro)
-                tokens += batch_tokens(batch)
                 with forward():
                     out, c, r = batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk)
-                (out.losses.sum() / len(indices)).backward()  # the step's mean; outside autocast, as torch advises
-                parts.append((out.losses.detach(), out.chosen_rewards, out.rejected_rewards, c, r))
+                # the step's mean over its pairs, times the ranks averaging the gradients; outside autocast, as torch advises
+                (out.losses.sum() * (ranks.world if counts else 0.0) / len(indices)).backward()
+                if counts:
+                    sums[:-1] += metric_sums(out.losses, out.chosen_rewards, out.rejected_rewards, c, r)
+                    sums[-1] += batch_tokens(batch)
+            if replicated:
+                distributed.average_gradients(params, ranks)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
+            distributed.sum_across(sums, ranks)
+            metrics = summarise(sums[:-1])  # the step's one host sync
+            tokens = int(sums[-1].item())
             elapsed = time.perf_counter() - step_start
-            metrics = summarise(*(torch.cat(p) for p in zip(*parts, strict=True)))
             metrics.update(
                 step=state.step,
                 epoch=epoch + (position + 1) / len(steps),
-                grad_norm=float(grad_norm),
+                grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                 lr=lr,
                 tokens=tokens,
                 tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
