@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,14 +26,18 @@ from training.distributed import Ranks, barrier
 NAME = "checkpoint"
 WEIGHTS = "weights"  # the DCP directory inside a checkpoint: the trainable weights and the optimizer state
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)  # LoRA: the adapter only, not the frozen base
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen base is not in it
+# DCP says so on every save and load in a process that is not one of several; that is intended here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def run_fingerprint(cfg, examples, layout: dict) -> str:
-    """What a checkpoint is only valid for: the resolved training config (minus where checkpoints
-    and outputs go), the tokenized data's shape and the batch layout. A resume under anything else
+    """What a checkpoint is only valid for: the resolved training config (minus where data,
+    checkpoints and outputs are), the tokenized data's shape and the batch layout. A resume under anything else
     (a deploy that changed a preset, other data) would mix two runs."""
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("output_dir", None)
+    values["data"].pop("path", None)  # the CLI's file, or none in the service: the data's shape is below
     for key in ("checkpoint_dir", "checkpoint_every", "threads"):
         values["train"].pop(key, None)
     shape = [len(examples), sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)]
@@ -107,7 +112,7 @@ def restore_training_state(directory: Path, checkpoint: dict, policy, optimizer)
         loaded = {"model": model_state, "optim": optim_state}
         dcp.load(loaded, checkpoint_id=str(Path(directory) / NAME / WEIGHTS))
         set_state_dict(
-            policy, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=_OPTIONS
+            policy, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=_LOAD_OPTIONS
         )
         return
     params = dict(policy.named_parameters())

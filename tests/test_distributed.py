@@ -1,0 +1,116 @@
+"""One job on several processes: `python -m training` under torchrun, 2 gloo processes on loopback.
+
+The CPU stands in for the GPUs (the same FSDP2, DCP and collectives code, with gloo instead of
+NCCL). Run these alone with `pytest -m distributed`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, make_cfg
+from tools.toy_data import write_jsonl
+from training import run_training
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+# the same run on one and on two processes; 48 pairs, batches of 8: 5 steps an epoch
+VALUES = {"train.epochs": 2, "train.max_steps": 6, "train.batch_size": 8, "train.threads": 1, "train.plot": False}
+
+
+def torchrun(nproc: int, data: Path, out: Path, values: dict, **popen) -> subprocess.Popen:
+    overrides = [f"{key}={'null' if value is None else value}" for key, value in values.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += ["-m", "training", f"data.path={data}", f"output_dir={out}", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "DPO_DIST_TIMEOUT_S": "60"}
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+
+
+def events_of(lines: list[str]) -> list[dict]:
+    return [json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("@progress ")]
+
+
+def run_to_end(proc: subprocess.Popen, timeout: float = 240) -> list[str]:
+    out, _ = proc.communicate(timeout=timeout)
+    lines = out.splitlines()
+    assert proc.returncode == 0, "\n".join(lines[-30:])
+    return lines
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full-fsdp2", "lora-replicated"])
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, toy, lora):
+    """Each rank takes half of every step's pairs; gradients are averaged over ranks. The losses,
+    held-out metrics and final weights are those of one process on the whole batch."""
+    records = toy(48)
+    values = {**VALUES, "model.lora.enabled": lora}
+    one = run_training(make_cfg(**values), records, tmp_path / "one")
+    lines = run_to_end(torchrun(2, write_jsonl(records, tmp_path / "data.jsonl"), tmp_path / "two", values))
+
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["processes"] == 2
+    assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one.metrics["history"]], abs=1e-4)
+    assert [h["tokens"] for h in two["history"]] == [h["tokens"] for h in one.metrics["history"]]
+    assert two["final_eval"]["eval/loss"] == pytest.approx(one.metrics["final_eval"]["eval/loss"], abs=1e-4)
+    assert len([e for e in events_of(lines) if e["kind"] == "step"]) == 6  # rank 0 alone reports
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    want, got = load_file(tmp_path / "one" / weights), load_file(tmp_path / "two" / weights)
+    assert sorted(got) == sorted(want)
+    for name in want:  # Adam divides by sqrt(v): ~1e-7 gradient noise becomes ~1e-5 in a weight
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=0, msg=name)
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of a torchrun worker by its RANK (a child of the launcher)."""
+    for child in Path(f"/proc/{launcher.pid}/task").glob("*/children"):
+        for pid in child.read_text().split():
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ:
+                return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} under torchrun {launcher.pid}")
+
+
+def test_a_killed_rank_ends_the_run_and_its_checkpoint_resumes_on_another_number_of_ranks(tmp_path, toy):
+    """kill -9 of rank 1 after the first DCP checkpoint: torchrun tears the job down and exits
+    non-zero within seconds, naming the rank. The checkpoint written by two ranks resumes on one
+    process (DCP reshards it) and the run ends as the uninterrupted one does."""
+    records = toy(48)
+    ckpt = tmp_path / "ckpt"
+    values = {**VALUES, "train.checkpoint_every": 2, "train.checkpoint_dir": ckpt}
+    proc = torchrun(2, write_jsonl(records, tmp_path / "data.jsonl"), tmp_path / "two", values)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if line.startswith("@progress") and '"kind": "checkpoint"' in line:
+            os.kill(rank_pid(proc, 1), signal.SIGKILL)
+            killed = time.monotonic()
+            break
+    else:
+        raise AssertionError("no checkpoint before the end:\n" + "\n".join(lines[-30:]))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert time.monotonic() - killed < 30
+    assert "exitcode  : -9" in out and "rank      : 1" in out  # torchrun's summary names the rank
+    assert (ckpt / "checkpoint" / "weights" / ".metadata").exists()
+
+    events = []
+    resumed = run_training(make_cfg(**values), records, tmp_path / "resumed", on_progress=events.append)
+    uninterrupted = run_training(make_cfg(**VALUES), records, tmp_path / "one")
+    first = next(e for e in events if e["kind"] == "resumed")
+    assert first["step"] >= 2
+    history = resumed.metrics["history"]
+    assert [h["step"] for h in history] == list(range(1, 7))
+    assert [h["loss"] for h in history] == pytest.approx(
+        [h["loss"] for h in uninterrupted.metrics["history"]], abs=1e-4
+    )
