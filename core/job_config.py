@@ -6,6 +6,7 @@ the trigger (not a failed job later) and a queued job keeps its choice if the en
 from __future__ import annotations
 
 from core.errors import ServiceError
+from core.gpus import gpu_ids
 from core.schemas import TrainOverrides
 from core.settings import Settings
 from training.config import available, compose_config
@@ -30,7 +31,8 @@ def resolve_model(name: str | None, settings: Settings) -> tuple[str, str | None
 
 
 def job_training_config(overrides: TrainOverrides | None, settings: Settings) -> dict:
-    """{"model": preset, "loss": name, "values": dotted keys -> values} for compose_config."""
+    """{"model": preset, "loss": name, "values": dotted keys -> values, "gpus": n} for compose_config
+    and the runner."""
     preset, name_or_path = resolve_model(overrides.model if overrides else None, settings)
     loss = (overrides.loss if overrides else None) or settings.default_loss
     values = overrides.config_values() if overrides else {}
@@ -51,4 +53,19 @@ def job_training_config(overrides: TrainOverrides | None, settings: Settings) ->
             )
     elif "data.max_length" in values and prompt > length // 2:
         values["data.max_prompt_length"] = length // 2  # a shorter sequence than the preset's: keep room for answers
-    return {"model": preset, "loss": loss, "values": values}
+    return {"model": preset, "loss": loss, "values": values, "gpus": job_gpus(overrides, settings)}
+
+
+def job_gpus(overrides: TrainOverrides | None, settings: Settings) -> int:
+    """How many GPUs the job runs on: config.gpus, at most this replica's (core/gpus.py)."""
+    wanted = (overrides.gpus if overrides else None) or 1
+    have = len(gpu_ids(settings.gpus))
+    if wanted > 1 and wanted > have:
+        raise ServiceError(
+            422,
+            "invalid_config",
+            f"config.gpus: this service runs a job on at most {max(have, 1)} GPU{'s' if have > 1 else ''}"
+            f" (DPO_GPUS lists {have}), got {wanted}",
+            field="config.gpus",
+        )
+    return wanted

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from core.callbacks import CallbackSender
 from core.errors import JOB_FINISHED, JOB_NOT_FOUND, ServiceError
+from core.gpus import RANK_ERROR, GpuPool, gpu_ids, inprocess_device, torchrun_failure
 from core.schemas import job_view
 from core.store import Finish, Job, JobFinished, StoreUnavailable, replica_id
 from storage.base import SourceError, StorageError
@@ -55,6 +56,11 @@ class SubprocessDataError(Exception):
 
 class Interrupted(Exception):
     """The job's earlier runs were interrupted too often to try again."""
+
+
+class RankLost(Exception):
+    """A rank of a multi-GPU job was killed (a lost GPU, the OOM killer): handled as a crash of
+    the replica, the job is taken over from its checkpoint once its lease lapses."""
 
 
 class InProcessUnavailable(Exception):
@@ -94,6 +100,7 @@ class Runner:
         self.mode = settings.runner_mode  # auto | inprocess | subprocess
         self.owner = replica_id()  # this replica's name; each claim adds its own suffix (the lease token)
         self.lease_s = settings.job_lease_s
+        self.gpus = GpuPool(gpu_ids(settings.gpus))  # worker slots share them without overlap
         self._leases: dict[str, str] = {}  # job id -> the lease token this replica holds it under
         self._renewed: dict[str, float] = {}  # job id -> monotonic time of its last successful renewal
         self._wake = threading.Event()
@@ -285,6 +292,10 @@ class Runner:
             except StoreUnavailable as err:  # not the job's fault: leave it to whoever takes it next
                 log.warning("job %s: the job store is unreachable (%s); its lease will lapse", job_id, err)
                 reason, result = "store_unavailable", None
+            except RankLost as err:  # as if this replica had crashed: taken over from the checkpoint
+                log.warning("job %s: %s; it resumes from its checkpoint once its lease lapses", job_id, err)
+                self._note(job_id, "warning", {"message": f"{err}; the job resumes from its last checkpoint"})
+                reason, result = "rank_lost", None
             except Interrupted as err:
                 result = Finish("failed", error_type="interrupted", error_message=str(err))
             except SourceError as err:
@@ -326,7 +337,7 @@ class Runner:
     def _record(self, job: Job, token: str, result: Finish | None, reason: str | None, started: float) -> None:
         """Write the job's end (or its return to the queue) to the store, then its callback."""
         job_id = job.id
-        if result is None and reason in ("lease_lost", "store_unavailable"):
+        if result is None and reason in ("lease_lost", "store_unavailable", "rank_lost"):
             # another worker has the job, or will once the lease lapses; the checkpoint stays for it
             log.warning("job %s: this run is dropped (%s); the job goes on elsewhere", job_id, reason)
             return
@@ -421,29 +432,18 @@ class Runner:
             "train.checkpoint_every": self.settings.checkpoint_every,
         }
         cfg = compose_config(resolved.get("model") or "tiny", resolved.get("loss") or "dpo", values)
-        out_dir = work / "output"
-        progress = ProgressRecorder(
-            self.store,
-            job_id,
-            self.metrics,
-            event_interval_s=5.0 if self.store.shared else 1.0,  # Firestore: ~1 write/s per document
-            on_checkpoint=self._publish_checkpoint,
-        )
-
-        result = None
-        if self.mode != "subprocess":
-            try:
-                run_training, cancelled_type = load_inprocess_trainer()
-                result = self._train_inprocess(
-                    run_training, cancelled_type, cfg, records, ids, out_dir, progress, job_id
-                )
-            except InProcessUnavailable as err:
-                if self.mode == "inprocess":
-                    raise
-                log.warning("in-process training unavailable (%s); running job %s in a subprocess", err, job_id)
-                self._note(job_id, "warning", {"message": f"in-process trainer unavailable, using a subprocess: {err}"})
-        if result is None:
-            result = self._train_subprocess(cfg, records, work, out_dir, progress, job_id)
+        wanted = resolved.get("gpus") or 1
+        if len(self.gpus.free()) < wanted:
+            self._note(job_id, "gpus", {"waiting_for": wanted, "free": len(self.gpus.free())})
+        held = self.gpus.acquire(wanted, lambda: self._should_stop(job_id))  # [] on a host without GPUs
+        if held is None:
+            raise Stopped()
+        try:
+            if held:
+                self._note(job_id, "gpus", {"gpus": held})
+            result = self._train(job_id, cfg, records, ids, work, held)
+        finally:
+            self.gpus.release(held or [])
 
         if self._should_stop(job_id):
             raise Stopped()
@@ -456,7 +456,7 @@ class Runner:
         final_eval = result.get("final_eval", {})
         if final_eval.get("eval/regressed"):
             self._note(job_id, "warning", {"message": HELDOUT_REGRESSED})
-        stored = self.artifacts.save(out_dir, community, job_id, manifest_extra={"final_eval": final_eval})
+        stored = self.artifacts.save(work / "output", community, job_id, manifest_extra={"final_eval": final_eval})
         return Finish(
             "succeeded",
             final_eval=final_eval,
@@ -465,6 +465,39 @@ class Runner:
             records=len(records),
             metrics=result.get("final_train", {}),
         )
+
+    def _train(self, job_id: str, cfg, records, ids, work: Path, held: list[str]) -> dict:
+        """Train in this process, or in a subprocess: a multi-GPU job, DPO_RUNNER_MODE=subprocess,
+        or an in-process trainer that cannot run here."""
+        out_dir = work / "output"
+        progress = ProgressRecorder(
+            self.store,
+            job_id,
+            self.metrics,
+            event_interval_s=5.0 if self.store.shared else 1.0,  # Firestore: ~1 write/s per document
+            on_checkpoint=self._publish_checkpoint,
+        )
+
+        result = None
+        if self.mode != "subprocess" and len(held) <= 1:
+            device = inprocess_device(held[0]) if held else None  # a subprocess sees its GPU as cuda:0
+            here = cfg
+            if device is not None:
+                here = cfg.copy()
+                here.train.device = device
+            try:
+                run_training, cancelled_type = load_inprocess_trainer()
+                result = self._train_inprocess(
+                    run_training, cancelled_type, here, records, ids, out_dir, progress, job_id
+                )
+            except InProcessUnavailable as err:
+                if self.mode == "inprocess":
+                    raise
+                log.warning("in-process training unavailable (%s); running job %s in a subprocess", err, job_id)
+                self._note(job_id, "warning", {"message": f"in-process trainer unavailable, using a subprocess: {err}"})
+        if result is None:
+            result = self._train_subprocess(cfg, records, work, out_dir, progress, job_id, held)
+        return result
 
     def _publish_checkpoint(self, job_id: str, step: int) -> None:
         """The trainer wrote a checkpoint: copy it where the job's next worker looks (a shared
@@ -548,7 +581,7 @@ class Runner:
                     os.killpg(proc.pid, signal.SIGKILL)
                 return
 
-    def _train_subprocess(self, cfg, records, work: Path, out_dir: Path, progress, job_id) -> dict:
+    def _train_subprocess(self, cfg, records, work: Path, out_dir: Path, progress, job_id, held: list[str]) -> dict:
         data_path = work / "dataset.jsonl"
         with open(data_path, "w", encoding="utf-8") as fh:
             for record in records:
@@ -561,11 +594,16 @@ class Runner:
         job_cfg["hydra"] = {"output_subdir": None, "run": {"dir": str(work)}, "job": {"chdir": False}}
         (work / "job.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job_cfg)))
         command = [sys.executable, "-m", "training", "--config-path", str(work.resolve()), "--config-name", "job"]
+        if len(held) > 1:  # one process a GPU; torchrun tears them all down when one fails
+            command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(held)}"]
         # The trainer gets no DPO_* variable (no webhook or callback secret), runs in its own
         # process group (a stop reaches anything it started) and is watched from here.
         env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
         beat = max(0.5, min(5.0, self.settings.job_stall_s / 4))  # several beats fit in the stall limit
         env.update(PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", DPO_TRAINER_HEARTBEAT_S=str(beat))
+        env["DPO_DIST_TIMEOUT_S"] = str(self.settings.dist_timeout_s)
+        if held:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(held)  # the job sees its GPUs only, as cuda:0..N-1
         proc = subprocess.Popen(
             command,
             cwd=REPO_ROOT,
@@ -580,7 +618,7 @@ class Runner:
             self._procs[job_id] = proc
             # until its first line (imports, model load) the trainer gets STARTUP_ALLOWANCE_S
             self._heard[job_id] = time.monotonic() + max(0.0, STARTUP_ALLOWANCE_S - self.settings.job_stall_s)
-        result, error, tail = None, None, []
+        result, error, tail, rank_error = None, None, [], None
         try:
             for line in self._watch(job_id, proc):
                 kind, _, payload = line.partition(" ")
@@ -592,7 +630,8 @@ class Runner:
                     elif kind == "@error":
                         error = json.loads(payload)
                     elif kind != "@alive":
-                        tail = (tail + [line.rstrip()])[-20:]
+                        tail = (tail + [line.rstrip()])[-40:]
+                        rank_error = RANK_ERROR.match(line.strip()) or rank_error
                 except json.JSONDecodeError:  # a garbled line must not end the job or lose the trainer
                     log.warning("job %s: unreadable trainer line: %.200s", job_id, line)
         except BaseException:  # whatever broke the watch, no trainer outlives it
@@ -608,6 +647,13 @@ class Runner:
                 if error["type"] == "invalid_data"
                 else RuntimeError(error["message"])
             )
+        failed = torchrun_failure(tail) if len(held) > 1 and code != 0 else None
+        if failed is not None:
+            rank, rank_code = failed
+            if rank_code < 0:
+                raise RankLost(f"rank {rank} of {len(held)} was killed by {signal.Signals(-rank_code).name}")
+            said = rank_error[2] if rank_error else "see the replica's log"
+            raise RuntimeError(f"rank {rank} of {len(held)} exited with code {rank_code}: {said}"[:2000])
         if code != 0 or result is None:
             if code < 0:
                 raise RuntimeError(f"training subprocess killed by {signal.Signals(-code).name}")

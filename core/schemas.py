@@ -39,6 +39,9 @@ class TrainOverrides(BaseModel):
     lora: bool | None = None
     lora_rank: int | None = Field(None, ge=1, le=512)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    gpus: int | None = Field(
+        None, ge=1, le=64, description="GPUs for this job, one training process each (torchrun); at most the replica's"
+    )
 
     @field_validator("loss")
     @classmethod

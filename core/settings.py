@@ -25,7 +25,11 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(30, ge=2)  # a worker renews its job's lease; expired: another worker takes the job
     public_base_url: str | None = None  # what clients reach the service at (status_url), e.g. the load balancer
     data_dir: Path = Path("data")  # job store (jobs.sqlite3) and per-job working directories
-    max_concurrent_jobs: int = Field(1, ge=1, le=64)  # one GPU runs one training at a time
+    max_concurrent_jobs: int = Field(1, ge=1, le=64)  # worker slots; they share the GPUs below without overlap
+    gpus: Annotated[
+        list[str], NoDecode
+    ] = []  # "0,1,2,3": this replica's GPUs (default: CUDA_VISIBLE_DEVICES, /dev/nvidiaN)
+    dist_timeout_s: float = Field(600, gt=0)  # a multi-GPU job's rank that hangs in a collective fails after this
     runner_mode: Literal["auto", "inprocess", "subprocess"] = "auto"
     callback_allowed_hosts: Annotated[list[str], NoDecode] = []  # comma-separated in the environment
     callback_secret: SecretStr | None = None  # Standard Webhooks key for callbacks ("whsec_<base64>" or any string)
@@ -90,6 +94,15 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("expected an http:// or https:// URL, e.g. https://dpo.example.com")
         return value.rstrip("/")
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _split_gpus(cls, value):
+        if isinstance(value, str):
+            value = [g.strip() for g in value.split(",") if g.strip()]
+        if len(set(value)) != len(value):
+            raise ValueError("a GPU is listed twice")
+        return value
 
     @field_validator("allowed_models", mode="before")
     @classmethod

@@ -40,9 +40,9 @@ class LocalCheckpoints:
 
 
 class SharedCheckpoints(LocalCheckpoints):
-    """Each checkpoint copied to gs://bucket/checkpoints/{jobId}/: the state file under its step
-    first, then `latest.json` naming it (a reader never sees a half-written checkpoint), then
-    the older steps removed. Removed when the job ends."""
+    """Each checkpoint copied to gs://bucket/checkpoints/{jobId}/: its files (the run state and
+    the DCP shards) under its step first, then `latest.json` naming them (a reader never sees a
+    half-written checkpoint), then the older steps removed. Removed when the job ends."""
 
     PREFIX = "checkpoints/{jobId}/"
     MARKER = "latest.json"
@@ -58,22 +58,28 @@ class SharedCheckpoints(LocalCheckpoints):
 
     def publish(self, job_id: str, step: int) -> None:
         prefix = self.PREFIX.format(jobId=job_id)
-        name = f"{prefix}step-{step:09d}/state.pt"
+        step_prefix = f"{prefix}step-{step:09d}/"
+        local = self.directory(job_id) / STATE_FILE.parent
         bucket, retry = self.clients.bucket(), self._retry()
         try:
-            # open before uploading: a trainer subprocess that replaces the checkpoint meanwhile
-            # does so by renaming, so this handle keeps reading one whole file
-            with open(self.directory(job_id) / STATE_FILE, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                blob = bucket.blob(name)
-                blob.chunk_size = 8 * 1024 * 1024
-                blob.upload_from_file(fh, size=size, retry=retry, timeout=300)
+            # a trainer subprocess replaces its checkpoint by renaming the directory: a changed
+            # inode after the copy means files of two checkpoints may have mixed; the newer one
+            # is published next, this one is left without its marker
+            inode = os.stat(local).st_ino
+            files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+            for name in files:
+                with open(local / name, "rb") as fh:
+                    blob = bucket.blob(step_prefix + name)
+                    blob.chunk_size = 8 * 1024 * 1024
+                    blob.upload_from_file(fh, size=os.fstat(fh.fileno()).st_size, retry=retry, timeout=300)
+            if os.stat(local).st_ino != inode:
+                return
         except FileNotFoundError:  # replaced by a newer one between the event and here: that one comes next
             return
-        marker = json.dumps({"step": step, "object": name, "size": size})
+        marker = json.dumps({"step": step, "prefix": step_prefix, "files": files})
         bucket.blob(prefix + self.MARKER).upload_from_string(marker, content_type="application/json", retry=retry)
         for old in bucket.list_blobs(prefix=prefix + "step-", retry=retry):
-            if not old.name.startswith(f"{prefix}step-{step:09d}/"):
+            if not old.name.startswith(step_prefix):
                 old.delete(retry=retry)
 
     def fetch(self, job_id: str) -> bool:
@@ -85,17 +91,24 @@ class SharedCheckpoints(LocalCheckpoints):
             marker = json.loads(bucket.blob(prefix + self.MARKER).download_as_bytes(retry=retry))
         except NotFound:
             return super().fetch(job_id)  # never published: a local one (this replica's own) if any
-        target = self.directory(job_id) / STATE_FILE
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
+        target = self.directory(job_id) / STATE_FILE.parent
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        if "files" in marker:
+            objects = {name: marker["prefix"] + name for name in marker["files"]}
+        else:  # published before checkpoints were directories: the state file alone
+            objects = {STATE_FILE.name: marker["object"]}
         try:
-            bucket.blob(marker["object"]).download_to_filename(str(partial), retry=retry)
+            for name, blob_name in objects.items():
+                (partial / name).parent.mkdir(parents=True, exist_ok=True)
+                bucket.blob(blob_name).download_to_filename(str(partial / name), retry=retry)
         except NotFound:  # removed by a late publisher that had lost the job (see D29): no copy to resume
-            partial.unlink(missing_ok=True)
-            log.warning("job %s: the checkpoint %s named by %s is gone", job_id, marker["object"], self.MARKER)
+            shutil.rmtree(partial, ignore_errors=True)
+            log.warning("job %s: the checkpoint of step %s named by %s is gone", job_id, marker["step"], self.MARKER)
             return super().fetch(job_id)
-        partial.replace(target)
-        log.info("job %s: checkpoint of step %s fetched from %s", job_id, marker["step"], marker["object"])
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        log.info("job %s: checkpoint of step %s fetched (%d files)", job_id, marker["step"], len(objects))
         return True
 
     def remove(self, job_id: str) -> None:

@@ -19,7 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, make_cfg
+from tests.service_helpers import wait_for
+from tools.serve import Server
 from tools.toy_data import write_jsonl
+from tools.trigger import Client
 from training import run_training
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -114,3 +117,47 @@ def test_a_killed_rank_ends_the_run_and_its_checkpoint_resumes_on_another_number
     assert [h["loss"] for h in history] == pytest.approx(
         [h["loss"] for h in uninterrupted.metrics["history"]], abs=1e-4
     )
+
+
+def trainer_rank_pid(rank: int) -> int | None:
+    """A service's trainer process of the given RANK (the only multi-process job running)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            values = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in values and any(v.startswith(b"DPO_TRAINER_HEARTBEAT_S=") for v in values):
+            return int(environ.parent.name)
+    return None
+
+
+def test_a_service_job_on_two_gpus_runs_under_torchrun_and_survives_a_killed_rank(tmp_path, toy):
+    """DPO_GPUS names two slots; on this CPU host they are two gloo processes. A job with
+    `gpus: 2` runs as torchrun; kill -9 of rank 1 hands the job back (as a crashed replica
+    would), and the next claim resumes it on two ranks from the DCP checkpoint. A job asking for
+    more GPUs than the replica has is refused at the trigger."""
+    env = {"DPO_GPUS": "0,1", "DPO_JOB_LEASE_S": "3", "DPO_CHECKPOINT_EVERY": "2"}
+    with Server(tmp_path, env=env) as srv:
+        client = Client(srv.url, srv.secret)
+        refused = client.trigger("three", toy(8), {"gpus": 3})
+        assert refused.status_code == 422
+        assert refused.json()["error"]["message"] == (
+            "config.gpus: this service runs a job on at most 2 GPUs (DPO_GPUS lists 2), got 3"
+        )
+        job_id = client.trigger("two", toy(96), {"gpus": 2, "epochs": 2, "batch_size": 8}).json()["job_id"]
+        deadline = time.monotonic() + 180
+        while not any(e["kind"] == "checkpoint" for e in client.get(f"/jobs/{job_id}/events").json()["events"]):
+            assert time.monotonic() < deadline, client.get(f"/jobs/{job_id}").json()
+            time.sleep(0.2)
+        os.kill(trainer_rank_pid(1), signal.SIGKILL)
+        job = wait_for(client, job_id, timeout_s=240)
+        events = client.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["events"]
+    assert job["status"] == "succeeded", job["error"]
+    warnings = [e["data"]["message"] for e in events if e["kind"] == "warning"]
+    assert any(m.startswith("rank 1 of 2 was killed by SIGKILL") for m in warnings), warnings
+    assert [e["data"]["gpus"] for e in events if e["kind"] == "gpus" and "gpus" in e["data"]] == [["0", "1"]] * 2
+    resumed = [e for e in events if e["kind"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["data"]["step"] >= 2
+    assert job["progress"]["step"] == job["progress"]["total_steps"]
+    assert trainer_rank_pid(0) is None and trainer_rank_pid(1) is None  # no rank outlives its job
+    assert not (tmp_path / "data" / "checkpoints" / job_id).exists()
