@@ -106,6 +106,10 @@ bench-api: setup ## /health latency at 100 req/s while a job trains, and 10,000-
 bench-stores: setup ## Job stores side by side: claim latency, trigger accept rate, takeover time (SQLite vs Firestore emulator)
 	$(PY) tools/bench_stores.py
 
+.PHONY: bench-gpu
+bench-gpu: setup ## On a GPU: ours vs TRL at Qwen2.5-0.5B/1.5B shapes, 1024 tokens: tokens/s, MFU, peak memory
+	$(PY) tools/bench_gpu.py --out bench-results/gpu-speed.json
+
 .PHONY: fuzz
 fuzz: setup ## Schemathesis against the service's OpenAPI schema with valid signatures (500 examples per operation)
 	DPO_FUZZ_EXAMPLES=500 $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider

@@ -134,8 +134,8 @@ def trainer_rank_pid(rank: int) -> int | None:
 def test_a_service_job_on_two_gpus_runs_under_torchrun_and_survives_a_killed_rank(tmp_path, toy):
     """DPO_GPUS names two slots; on this CPU host they are two gloo processes. A job with
     `gpus: 2` runs as torchrun; kill -9 of rank 1 hands the job back (as a crashed replica
-    would), and the next claim resumes it on two ranks from the DCP checkpoint. A job asking for
-    more GPUs than the replica has is refused at the trigger."""
+    would), and the next claim resumes it on two ranks from the DCP checkpoint. A cancel stops
+    every rank. A job asking for more GPUs than the replica has is refused at the trigger."""
     env = {"DPO_GPUS": "0,1", "DPO_JOB_LEASE_S": "3", "DPO_CHECKPOINT_EVERY": "2"}
     with Server(tmp_path, env=env) as srv:
         client = Client(srv.url, srv.secret)
@@ -152,6 +152,12 @@ def test_a_service_job_on_two_gpus_runs_under_torchrun_and_survives_a_killed_ran
         os.kill(trainer_rank_pid(1), signal.SIGKILL)
         job = wait_for(client, job_id, timeout_s=240)
         events = client.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["events"]
+        # a cancel reaches every rank: they stop at the same step boundary
+        other = client.trigger("two-cancel", toy(96), {"gpus": 2, "epochs": 5, "batch_size": 8}).json()["job_id"]
+        wait_for(client, other, states=("running",), step_at_least=1)
+        client.post(f"/jobs/{other}/cancel")
+        cancelled = wait_for(client, other, timeout_s=60)
+    assert cancelled["status"] == "cancelled", cancelled
     assert job["status"] == "succeeded", job["error"]
     warnings = [e["data"]["message"] for e in events if e["kind"] == "warning"]
     assert any(m.startswith("rank 1 of 2 was killed by SIGKILL") for m in warnings), warnings

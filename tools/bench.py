@@ -114,6 +114,7 @@ def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str, 
             "train.plot": False,
             "train.device": device,
             "data.max_length": hyper["max_length"],
+            "data.max_prompt_length": hyper["max_length"] // 2,  # the tiny preset's 64 is for its 128
             "data.eval_fraction": 0.0,  # the bench evaluates every run itself, on the same held-out set
         }
     )

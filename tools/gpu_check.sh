@@ -8,7 +8,11 @@
 #      AdamW; LoRA over a bf16 base; QLoRA over a 4-bit base; Gemma-2-2B, whose layout falls back
 #      to separate rows) with peak memory against the estimate;
 #   3. the precision, family, memory, checkpoint and chat-template tests (on CUDA where they
-#      pick the device themselves).
+#      pick the device themselves);
+#   4. tools/bench_gpu.py: speed at real shapes (Qwen2.5-0.5B and -1.5B, bf16-mixed, max_length
+#      1024), ours against TRL's DPOTrainer: tokens/s, MFU, peak GPU memory (~6 minutes).
+# PARTS picks parts (default "tests shapes core"; the speed part needs its own call under the
+# 10-minute limit): PARTS=speed tools/gpu_check.sh
 #
 # The device machine has torch/transformers/peft but no package registry: Hydra, OmegaConf,
 # bitsandbytes and the pinned transformers/peft travel in .gpu-site/ (git-ignored; `make gpu-site`).
@@ -27,11 +31,23 @@ fi
   python3 -c 'import torch, transformers, peft, hydra; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "hydra", hydra.__version__)'
 } 2>&1 | tee "$out/env.txt"
 
-timeout 150 python3 -m pytest -q -p no:cacheprovider -s -rA tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
-gpu_rc=${PIPESTATUS[0]}
-timeout 200 python3 tools/gpu_real_shape.py --out "$out/real-shape.json" 2>&1 | tee "$out/real-shape.txt"
-shape_rc=${PIPESTATUS[0]}
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py tests/test_families.py tests/test_memory.py \
-    tests/test_checkpoint.py tests/test_chat_templates.py 2>&1 | tee "$out/core-tests.txt"
-core_rc=${PIPESTATUS[0]}
-echo "gpu tests rc=$gpu_rc real shapes rc=$shape_rc core tests rc=$core_rc" | tee "$out/summary.txt"
+parts=${PARTS:-tests shapes core}
+gpu_rc=- shape_rc=- core_rc=- speed_rc=-
+if [[ " $parts " == *" tests "* ]]; then
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -s -rA tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
+    gpu_rc=${PIPESTATUS[0]}
+fi
+if [[ " $parts " == *" shapes "* ]]; then
+    timeout 200 python3 tools/gpu_real_shape.py --out "$out/real-shape.json" 2>&1 | tee "$out/real-shape.txt"
+    shape_rc=${PIPESTATUS[0]}
+fi
+if [[ " $parts " == *" core "* ]]; then
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py tests/test_families.py tests/test_memory.py \
+        tests/test_checkpoint.py tests/test_chat_templates.py 2>&1 | tee "$out/core-tests.txt"
+    core_rc=${PIPESTATUS[0]}
+fi
+if [[ " $parts " == *" speed "* ]]; then
+    timeout 480 python3 tools/bench_gpu.py --out "$out/speed.json" 2>&1 | tee "$out/speed.txt"
+    speed_rc=${PIPESTATUS[0]}
+fi
+echo "gpu tests rc=$gpu_rc real shapes rc=$shape_rc core tests rc=$core_rc speed rc=$speed_rc" | tee "$out/summary.txt"

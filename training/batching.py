@@ -38,12 +38,13 @@ def check_forward_budget(budget):
     return budget
 
 
-def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+def batch_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Tokens the batch stands for: non-pad tokens of the chosen + rejected sequences (the
-    throughput unit, the same however the batch is laid out)."""
+    throughput unit, the same however the batch is laid out). A tensor where the batch is: read
+    it with the step's other metrics, not one host sync a pass."""
     if "sequence_tokens" in batch:  # shared prefix: the prompt still counts once per sequence
-        return int(batch["sequence_tokens"])
-    return int(batch["attention_mask"].sum())
+        return batch["sequence_tokens"]
+    return batch["attention_mask"].sum()
 
 
 def collate_shared_prefix(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:

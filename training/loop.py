@@ -257,9 +257,10 @@ def metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected
     return torch.stack([*sums, torch.tensor(float(losses.numel()), dtype=torch.float64, device=losses.device)])
 
 
-def summarise(sums: torch.Tensor, prefix: str = "") -> dict:
-    """The standard DPO metrics (means over pairs) from metric_sums, summed over passes and ranks."""
-    *totals, n = sums.tolist()
+def summarise(sums, prefix: str = "") -> dict:
+    """The standard DPO metrics (means over pairs) from metric_sums (a tensor, or its values),
+    summed over passes and ranks."""
+    *totals, n = sums.tolist() if isinstance(sums, torch.Tensor) else sums
     return {f"{prefix}{name}": total / max(n, 1.0) for name, total in zip(METRICS, totals, strict=True)}
 
 
@@ -308,6 +309,8 @@ def train_policy(
 
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
+    if ranks.distributed and "8bit" in tcfg.optimizer and not hasattr(policy, "peft_config"):
+        raise ValueError(f"train.optimizer: {tcfg.optimizer} cannot update FSDP2's sharded parameters; use adamw")
     distributed.parallelize(policy, tcfg.precision, ranks, device)  # several ranks: FSDP2 for a full fine-tune
     budget = check_forward_budget(cfg.model.max_forward_tokens)
     shared, layout = choose_layout(
@@ -428,15 +431,16 @@ def train_policy(
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             distributed.sum_across(sums, ranks)
-            metrics = summarise(sums[:-1])  # the step's one host sync
-            tokens = int(sums[-1].item())
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+            *pair_sums, tokens, norm = torch.cat([sums, norm.detach().double().reshape(1)]).tolist()  # one host sync
+            metrics = summarise(pair_sums)
             elapsed = time.perf_counter() - step_start
             metrics.update(
                 step=state.step,
                 epoch=epoch + (position + 1) / len(steps),
-                grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                grad_norm=norm,
                 lr=lr,
-                tokens=tokens,
+                tokens=int(tokens),
                 tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
                 elapsed_s=time.perf_counter() - start_time,
             )
