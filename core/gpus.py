@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,28 +36,36 @@ def gpu_ids(configured: list[str]) -> list[str]:
 
 
 class GpuPool:
-    """Free GPUs, handed out all-or-nothing: a job never holds some while waiting for more, so
-    two waiting jobs cannot block each other."""
+    """Free GPUs, handed out all-or-nothing and first come, first served: a job never holds some
+    while waiting for more (two waiting jobs cannot block each other), and a 2-GPU job is not
+    starved by a stream of 1-GPU jobs taking each GPU as it frees."""
 
     def __init__(self, ids: list[str]):
         self.ids = list(ids)
         self._free = list(ids)
+        self._waiting: deque[object] = deque()  # the jobs waiting, in the order they asked
         self._changed = threading.Condition()
 
     def acquire(self, n: int, give_up: Callable[[], bool], poll_s: float = 0.5) -> list[str] | None:
         """`n` free GPUs, waiting for them; None when give_up() turns true first. A pool without
         GPUs (a CPU host) gives a one-GPU job none and runs it as before."""
+        if n > max(len(self.ids), 1):  # the trigger checked the replica that took it; this one is smaller
+            raise ValueError(f"config.gpus: {n} GPUs asked of a replica with {len(self.ids)} (DPO_GPUS)")
         if not self.ids:
             return []
-        if n > len(self.ids):
-            raise ValueError(f"{n} GPUs asked of a replica with {len(self.ids)}")
+        ticket = object()
         with self._changed:
-            while len(self._free) < n:
-                if give_up():
-                    return None
-                self._changed.wait(timeout=poll_s)
-            taken, self._free = self._free[:n], self._free[n:]
-            return taken
+            self._waiting.append(ticket)
+            try:
+                while self._waiting[0] is not ticket or len(self._free) < n:
+                    if give_up():
+                        return None
+                    self._changed.wait(timeout=poll_s)
+                taken, self._free = self._free[:n], self._free[n:]
+                return taken
+            finally:
+                self._waiting.remove(ticket)
+                self._changed.notify_all()  # the next in line may fit now
 
     def release(self, ids: list[str]) -> None:
         with self._changed:
@@ -80,12 +90,38 @@ def inprocess_device(gpu_id: str) -> str | None:
 
 
 def torchrun_failure(lines: list[str]) -> tuple[int, int] | None:
-    """(rank, exit code) of the first failure in torchrun's summary ("Root Cause" block), or None.
-    A negative exit code is the signal that killed the rank."""
+    """(rank, exit code) of a job's failed rank from torchrun's summary, or None. A rank killed
+    with SIGKILL (the OOM killer, kill -9, a lost node) comes first whatever torchrun calls the
+    root cause: its peers fail a moment later with a connection error, in the same second of
+    torchrun's timestamps. Otherwise the root cause. A negative exit code is a signal."""
     text = "\n".join(lines)
+    failures = [(int(r), int(c)) for r, c in re.findall(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", text, re.S)]
+    killed = [f for f in failures if f[1] == -signal.SIGKILL]
+    if killed:
+        return killed[0]
     root = text.rfind("Root Cause")
-    match = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", text[root:] if root >= 0 else text, re.S)
-    return (int(match[1]), int(match[2])) if match else None
+    match = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", text[root:], re.S) if root >= 0 else None
+    return (int(match[1]), int(match[2])) if match else (failures[0] if failures else None)
 
 
-RANK_ERROR = re.compile(r"^(?:\[rank(\d+)\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b:?.*)$")
+# a rank's exception line (torch prefixes it "[rankN]: " under torchrun); not torchrun's own
+RANK_ERROR = re.compile(
+    r"^(?:\[rank(\d+)\]:\s*)?((?!torch\.distributed\.elastic)(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b:?.*)$"
+)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants. torchrun starts each rank in a session of its own, so a signal
+    to the trainer's process group does not reach them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from core.callbacks import CallbackSender
 from core.errors import JOB_FINISHED, JOB_NOT_FOUND, ServiceError
-from core.gpus import RANK_ERROR, GpuPool, gpu_ids, inprocess_device, torchrun_failure
+from core.gpus import RANK_ERROR, GpuPool, gpu_ids, inprocess_device, process_tree, torchrun_failure
 from core.schemas import job_view
 from core.store import Finish, Job, JobFinished, StoreUnavailable, replica_id
 from storage.base import SourceError, StorageError
@@ -68,10 +68,15 @@ class InProcessUnavailable(Exception):
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
-    """Send `sig` to the trainer's process group (started with start_new_session), if still there."""
+    """Send `sig` to the trainer's process group (started with start_new_session) and to every
+    process it started in a group of its own (torchrun's ranks), if still there."""
     if proc.poll() is None:
+        tree = process_tree(proc.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
+        for pid in tree[1:]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
 
 
 def load_inprocess_trainer():
@@ -595,7 +600,9 @@ class Runner:
         (work / "job.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job_cfg)))
         command = [sys.executable, "-m", "training", "--config-path", str(work.resolve()), "--config-name", "job"]
         if len(held) > 1:  # one process a GPU; torchrun tears them all down when one fails
-            command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(held)}"]
+            grace = max(1, int(self.settings.stop_grace_s / 2))  # torchrun's SIGKILL of its ranks comes before ours
+            launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(held)}"]
+            command[1:1] = [*launcher, f"--shutdown-timeout={grace}"]
         # The trainer gets no DPO_* variable (no webhook or callback secret), runs in its own
         # process group (a stop reaches anything it started) and is watched from here.
         env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}

@@ -8,6 +8,7 @@ job may resume on another replica, so each checkpoint is also copied to Cloud St
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 STATE_FILE = Path("checkpoint") / "state.pt"  # inside a job's checkpoint directory (training/checkpoint.py)
+ID = "id"  # training/checkpoint.py writes a fresh one into each checkpoint (not imported: it brings torch)
 
 
 class LocalCheckpoints:
@@ -61,21 +63,23 @@ class SharedCheckpoints(LocalCheckpoints):
         step_prefix = f"{prefix}step-{step:09d}/"
         local = self.directory(job_id) / STATE_FILE.parent
         bucket, retry = self.clients.bucket(), self._retry()
-        try:
-            # a trainer subprocess replaces its checkpoint by renaming the directory: a changed
-            # inode after the copy means files of two checkpoints may have mixed; the newer one
-            # is published next, this one is left without its marker
-            inode = os.stat(local).st_ino
-            files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
-            for name in files:
-                with open(local / name, "rb") as fh:
-                    blob = bucket.blob(step_prefix + name)
-                    blob.chunk_size = 8 * 1024 * 1024
-                    blob.upload_from_file(fh, size=os.fstat(fh.fileno()).st_size, retry=retry, timeout=300)
-            if os.stat(local).st_ino != inode:
+        with contextlib.ExitStack() as opened:
+            try:
+                # A trainer subprocess replaces its checkpoint by renaming a new directory into
+                # place. Every file is opened first (an open file is read whole, even once the
+                # directory is replaced and removed); the checkpoint's id unchanged after that
+                # means they all belong to one checkpoint. Otherwise the newer one comes next.
+                checkpoint_id = (local / ID).read_text()
+                files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+                handles = {name: opened.enter_context(open(local / name, "rb")) for name in files}
+                if (local / ID).read_text() != checkpoint_id:
+                    return
+            except FileNotFoundError:  # replaced by a newer one between the event and here
                 return
-        except FileNotFoundError:  # replaced by a newer one between the event and here: that one comes next
-            return
+            for name, fh in handles.items():
+                blob = bucket.blob(step_prefix + name)
+                blob.chunk_size = 8 * 1024 * 1024
+                blob.upload_from_file(fh, size=os.fstat(fh.fileno()).st_size, retry=retry, timeout=300)
         marker = json.dumps({"step": step, "prefix": step_prefix, "files": files})
         bucket.blob(prefix + self.MARKER).upload_from_string(marker, content_type="application/json", retry=retry)
         for old in bucket.list_blobs(prefix=prefix + "step-", retry=retry):
@@ -94,21 +98,17 @@ class SharedCheckpoints(LocalCheckpoints):
         target = self.directory(job_id) / STATE_FILE.parent
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        if "files" in marker:
-            objects = {name: marker["prefix"] + name for name in marker["files"]}
-        else:  # published before checkpoints were directories: the state file alone
-            objects = {STATE_FILE.name: marker["object"]}
         try:
-            for name, blob_name in objects.items():
+            for name in marker["files"]:
                 (partial / name).parent.mkdir(parents=True, exist_ok=True)
-                bucket.blob(blob_name).download_to_filename(str(partial / name), retry=retry)
+                bucket.blob(marker["prefix"] + name).download_to_filename(str(partial / name), retry=retry)
         except NotFound:  # removed by a late publisher that had lost the job (see D29): no copy to resume
             shutil.rmtree(partial, ignore_errors=True)
             log.warning("job %s: the checkpoint of step %s named by %s is gone", job_id, marker["step"], self.MARKER)
             return super().fetch(job_id)
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
-        log.info("job %s: checkpoint of step %s fetched (%d files)", job_id, marker["step"], len(objects))
+        log.info("job %s: checkpoint of step %s fetched (%d files)", job_id, marker["step"], len(marker["files"]))
         return True
 
     def remove(self, job_id: str) -> None:

@@ -103,3 +103,17 @@ def test_a_checkpoint_of_another_configuration_is_discarded_not_resumed(tmp_path
     assert not any(e["kind"] == "resumed" for e in events)
     assert [e["step"] for e in events if e["kind"] == "step"][0] == 1
     assert result.metrics["steps"] == result.metrics["total_steps"]
+
+
+def test_a_run_stopped_before_its_first_step_resumes_as_if_never_stopped(tmp_path, toy):
+    """A stop during the reference pass checkpoints no optimizer state: none exists yet (DCP's
+    get_state_dict would make up a step of zero gradients, and the first real update would
+    resume at a different bias correction)."""
+    values = {"train.epochs": 1, "train.checkpoint_dir": str(tmp_path / "ckpt")}
+    with pytest.raises(TrainingCancelled):
+        run_training(make_cfg(**values), toy(32), tmp_path / "first", should_stop=lambda: True)
+    resumed = run_training(make_cfg(**values), toy(32), tmp_path / "second")
+    full = run_training(make_cfg(**{"train.epochs": 1}), toy(32), tmp_path / "full")
+    assert [h["loss"] for h in resumed.metrics["history"]] == pytest.approx(
+        [h["loss"] for h in full.metrics["history"]], abs=1e-6
+    )

@@ -53,6 +53,35 @@ def test_a_1_gpu_and_a_2_gpu_job_share_4_gpus_and_a_third_waits_for_its_gpus():
     assert got == [["1", "2"]] and pool.free() == ["3"]
 
 
+def test_gpus_go_first_come_first_served_so_a_2_gpu_job_is_not_starved_by_1_gpu_jobs():
+    pool = GpuPool(["0", "1"])
+    first = pool.acquire(1, give_up=lambda: False)
+    order = []
+
+    def take(name: str, n: int) -> None:
+        got = pool.acquire(n, give_up=lambda: False, poll_s=0.05)
+        order.append(name)
+        time.sleep(0.1)
+        pool.release(got)
+
+    two = threading.Thread(target=take, args=("two", 2))
+    two.start()
+    time.sleep(0.2)
+    one = threading.Thread(target=take, args=("one", 1))  # a GPU is free, but the 2-GPU job came first
+    one.start()
+    time.sleep(0.2)
+    assert order == []
+    pool.release(first)
+    two.join(timeout=5)
+    one.join(timeout=5)
+    assert order == ["two", "one"] and pool.free() == ["0", "1"]
+
+
+def test_a_replica_without_enough_gpus_refuses_a_job_another_replica_accepted():
+    with pytest.raises(ValueError, match="2 GPUs asked of a replica with 0"):
+        GpuPool([]).acquire(2, give_up=lambda: False)
+
+
 def test_a_wait_for_gpus_ends_when_the_job_is_stopped():
     pool = GpuPool(["0"])
     pool.acquire(1, give_up=lambda: False)
@@ -86,6 +115,21 @@ def test_more_gpus_than_the_replica_has_is_a_422_naming_config_gpus(monkeypatch)
 
 def test_torchruns_summary_names_the_first_failed_rank_and_how_it_ended():
     assert torchrun_failure(KILLED.splitlines()) == (1, -9)
+    # torchrun's timestamps are whole seconds: a peer failing just after the kill may be called
+    # the root cause; the killed rank is what ended the job
+    swapped = KILLED.replace("rank      : 0 (local_rank: 0)", "RANK_A").replace(
+        "rank      : 1 (local_rank: 1)", "RANK_B"
+    )
+    swapped = swapped.replace("RANK_A", "rank      : 1 (local_rank: 1)").replace(
+        "RANK_B", "rank      : 0 (local_rank: 0)"
+    )
+    swapped = swapped.replace("exitcode  : 1 (pid: 7664)", "X").replace(
+        "exitcode  : -9 (pid: 7665)", "exitcode  : 1 (pid: 7664)"
+    )
+    swapped = swapped.replace("X", "exitcode  : -9 (pid: 7665)")
+    assert torchrun_failure(swapped.splitlines()) == (1, -9)
+    raised = KILLED.replace("exitcode  : -9 (pid: 7665)", "exitcode  : 1 (pid: 7665)")
+    assert torchrun_failure(raised.splitlines()) == (1, 1)  # no rank was killed: the root cause
     assert torchrun_failure(["nothing to see"]) is None
 
 
@@ -94,3 +138,4 @@ def test_a_ranks_error_line_is_recognised_with_or_without_its_prefix():
     assert match[1] == "1" and match[2].startswith("torch.OutOfMemoryError: CUDA out of memory")
     assert RANK_ERROR.match("ValueError: train.reference: live ...")[2] == "ValueError: train.reference: live ..."
     assert RANK_ERROR.match("step 3 of 6") is None
+    assert RANK_ERROR.match("torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ") is None

@@ -14,17 +14,25 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import uuid
 import warnings
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from training.distributed import Ranks, barrier
 
 NAME = "checkpoint"
 WEIGHTS = "weights"  # the DCP directory inside a checkpoint: the trainable weights and the optimizer state
+ID = "id"  # a fresh id in each checkpoint written
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)  # LoRA: the adapter only, not the frozen base
 _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen base is not in it
 # DCP says so on every save and load in a process that is not one of several; that is intended here
@@ -38,7 +46,7 @@ def run_fingerprint(cfg, examples, layout: dict) -> str:
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("output_dir", None)
     values["data"].pop("path", None)  # the CLI's file, or none in the service: the data's shape is below
-    for key in ("checkpoint_dir", "checkpoint_every", "threads"):
+    for key in ("checkpoint_dir", "checkpoint_every", "threads", "device"):  # a resume may be on another GPU
         values["train"].pop(key, None)
     shape = [len(examples), sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)]
     text = json.dumps({"config": values, "data": shape, "layout": layout.get("layout")}, sort_keys=True, default=str)
@@ -70,15 +78,20 @@ def save_checkpoint(
     if uses_dcp(optimizer):
         import torch.distributed.checkpoint as dcp
 
-        model_state, optim_state = get_state_dict(policy, optimizer, options=_OPTIONS)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging / WEIGHTS))
-        run["format"] = "dcp"
+        if optimizer.state:
+            model_state, optim_state = get_state_dict(policy, optimizer, options=_OPTIONS)
+            weights = {"model": model_state, "optim": optim_state}
+        else:  # stopped before its first step: get_state_dict would make up an optimizer step
+            weights = {"model": get_model_state_dict(policy, options=_OPTIONS)}
+        dcp.save(weights, checkpoint_id=str(staging / WEIGHTS))
+        run["format"], run["optimizer_saved"] = "dcp", "optim" in weights
     else:  # bitsandbytes' 8-bit optimizers: a plain state dict (their runs are replicated or single)
         run["trainable"] = {name: p.detach().cpu() for name, p in policy.named_parameters() if p.requires_grad}
         run["optimizer"] = optimizer.state_dict()
         run["format"] = "torch"
     if ranks.main:
         torch.save(run, staging / "state.pt")
+        (staging / ID).write_text(uuid.uuid4().hex)  # a copier checks it did not change under it
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
@@ -108,9 +121,15 @@ def restore_training_state(directory: Path, checkpoint: dict, policy, optimizer)
     if checkpoint.get("format") == "dcp":
         import torch.distributed.checkpoint as dcp
 
+        path = str(Path(directory) / NAME / WEIGHTS)
+        if not checkpoint["optimizer_saved"]:  # stopped before its first step: the optimizer starts afresh
+            loaded = {"model": get_model_state_dict(policy, options=_OPTIONS)}
+            dcp.load(loaded, checkpoint_id=path)
+            set_model_state_dict(policy, loaded["model"], options=_LOAD_OPTIONS)
+            return
         model_state, optim_state = get_state_dict(policy, optimizer, options=_OPTIONS)  # the templates to fill
         loaded = {"model": model_state, "optim": optim_state}
-        dcp.load(loaded, checkpoint_id=str(Path(directory) / NAME / WEIGHTS))
+        dcp.load(loaded, checkpoint_id=path)
         set_state_dict(
             policy, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=_LOAD_OPTIONS
         )

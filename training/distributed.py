@@ -20,7 +20,9 @@ here is a no-op and the job runs on one device.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -62,23 +64,37 @@ def current() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(device_name: str) -> tuple[Ranks, torch.device]:
-    """Join the job's process group when launched as one of several processes; pick the device.
-
-    `device_name` is train.device: under torchrun, "auto" and "cuda" mean this rank's GPU
+def rank_device(device_name: str) -> torch.device:
+    """train.device for this process: under torchrun, "auto" and "cuda" mean this rank's GPU
     (cuda:LOCAL_RANK of the GPUs the launcher was given)."""
-    if not launched():
-        return Ranks(), pick_device(device_name)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+    if launched() and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init(device_name: str) -> tuple[Ranks, torch.device]:
+    """Join the job's process group when launched as one of several processes; pick the device."""
+    device = rank_device(device_name)
+    if not launched():
+        return Ranks(), device
+    die_with_launcher()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return current(), device
+
+
+def die_with_launcher() -> None:
+    """Be killed when torchrun dies: it starts each rank in a session of its own, so a rank would
+    outlive a launcher killed with SIGKILL (and hold its GPU). Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def close() -> None:
@@ -107,6 +123,15 @@ def any_across(flag: bool, ranks: Ranks, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def from_rank0(value, ranks: Ranks):
+    """Rank 0's `value` on every rank (a choice each rank computed, but must make alike)."""
+    if not ranks.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(ranks: Ranks) -> None:
     if ranks.distributed:
         dist.barrier()
@@ -131,11 +156,17 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def shards_model(lora: bool, ranks: Ranks) -> bool:
+    """True when the job's model is sharded over its ranks (a full fine-tune on several)."""
+    return ranks.distributed and not lora
+
+
 def parallelize(policy, precision: str, ranks: Ranks, device: torch.device) -> None:
-    """Shard a full fine-tune with FSDP2 (in place); leave a LoRA model replicated (its adapter's
-    gradients are averaged by `average_gradients`). bf16-mixed: FSDP2 gathers the weights in bf16 for
-    the forward pass and reduces gradients in fp32; the shards stay fp32 master weights."""
-    if not ranks.distributed or hasattr(policy, "peft_config"):
+    """Shard a full fine-tune with FSDP2 (in place; a model loaded on the CPU moves to `device`
+    layer by layer, each rank keeping its shards); leave a LoRA model replicated (its adapter's
+    gradients are averaged by `average_gradients`). bf16-mixed: FSDP2 gathers the weights in
+    bf16 for the forward pass and reduces gradients in fp32; the shards stay fp32 master weights."""
+    if not shards_model(hasattr(policy, "peft_config"), ranks):
         return
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

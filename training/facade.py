@@ -62,8 +62,12 @@ def run_training(
     torch.manual_seed(cfg.train.seed)
     ranks, device = distributed.init(cfg.train.device)  # under torchrun: this rank's device, in the job's group
     check_precision(cfg.train.precision)
-    estimate = check_memory(cfg, model_path(cfg.model), device)  # before loading: fail in seconds, not at OOM
-    policy, path, source_dtype = load_policy(cfg.model, cfg.train.precision, device)
+    sharded = distributed.shards_model(cfg.model.lora.enabled, ranks)  # FSDP2: each rank holds 1/N
+    estimate = check_memory(
+        cfg, model_path(cfg.model), device, ranks.world if sharded else 1
+    )  # fail in seconds, not at OOM
+    # a sharded model is loaded on the CPU; FSDP2 moves each rank's shards to its device
+    policy, path, source_dtype = load_policy(cfg.model, cfg.train.precision, torch.device("cpu") if sharded else device)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     examples = tokenize_pairs(tokenizer, pairs, data.max_length, data.max_prompt_length, data.truncation_mode)
     state = train_policy(policy, examples, tokenizer.pad_token_id, cfg, on_progress, should_stop)
@@ -71,7 +75,6 @@ def run_training(
     out = Path(cfg.output_dir)
     weights = distributed.full_state_dict(policy, ranks)  # sharded: gathered on rank 0 (every rank takes part)
     if not ranks.main:  # rank 0 writes the artifact
-        distributed.barrier(ranks)
         return TrainingResult(out, {}, [])
     extra = {
         "dataset": {"records": len(records), "pairs": len(pairs), "skipped_records": len(skipped)},
@@ -87,7 +90,6 @@ def run_training(
     }
     metrics = save_run(out, policy, tokenizer, cfg, state, extra, source_dtype, weights)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    distributed.barrier(ranks)
     return TrainingResult(out, metrics, files)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from training.batching import IGNORE
+from training.distributed import is_sharded
 
 
 def row_token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024):
@@ -83,21 +84,24 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The decoder's last hidden states for a batch, taken through the model's own forward (with
-    the LM head on one position only): a model sharded with FSDP2 gathers its root weights
-    (embeddings, final norm, a tied LM head) in that forward, and keeps them for the head below."""
+    """The decoder's last hidden states for a batch. A model sharded with FSDP2 gathers its root
+    weights (embeddings, final norm, a tied LM head) only in the model's own forward, and keeps
+    them for the head below: its states are taken from that forward (the LM head on one position
+    only) with a hook. Any other model calls its decoder directly, which every family allows."""
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "position_ids": batch["position_ids"],
+        "use_cache": False,
+    }
+    if not is_sharded(model):
+        return model.get_decoder()(**inputs).last_hidden_state
     captured = {}
     hook = model.get_decoder().register_forward_hook(
         lambda module, args, output: captured.__setitem__("hidden", output.last_hidden_state)
     )
     try:
-        model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        model(**inputs, logits_to_keep=1)
     finally:
         hook.remove()
     return captured["hidden"]

@@ -296,26 +296,25 @@ def train_policy(
     when should_stop() stops the run; a run started on a directory holding one resumes from it.
     """
     tcfg, loss_cfg = cfg.train, cfg.loss
-    device = next(policy.parameters()).device
     ranks = distributed.current()  # one process, or this one's place among torchrun's
-    forward = compute_context(tcfg.precision, device)  # bf16 autocast around forward passes, or nothing
     chunk = tcfg.logprob_chunk_size
     torch.manual_seed(tcfg.seed)
     train_idx, eval_idx = split_train_eval(len(examples), cfg.data.eval_fraction, cfg.data.max_eval_examples, tcfg.seed)
     emit = on_progress if on_progress is not None and ranks.main else (lambda event: None)
 
-    def stop() -> bool:  # every rank stops at the same step boundary, or none does
-        return distributed.any_across(should_stop is not None and should_stop(), ranks, device)
-
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if ranks.distributed and "8bit" in tcfg.optimizer and not hasattr(policy, "peft_config"):
         raise ValueError(f"train.optimizer: {tcfg.optimizer} cannot update FSDP2's sharded parameters; use adamw")
-    distributed.parallelize(policy, tcfg.precision, ranks, device)  # several ranks: FSDP2 for a full fine-tune
+    # several ranks: FSDP2 for a full fine-tune (moving a model loaded on the CPU to this rank's device)
+    distributed.parallelize(policy, tcfg.precision, ranks, distributed.rank_device(tcfg.device))
+    device = next(policy.parameters()).device
+    forward = compute_context(tcfg.precision, device)  # bf16 autocast around forward passes, or nothing
     budget = check_forward_budget(cfg.model.max_forward_tokens)
     shared, layout = choose_layout(
         policy, examples, pad_id, tcfg.shared_prefix, budget, forward, compute_dtype(tcfg.precision, policy)
     )
+    shared, layout = distributed.from_rank0((shared, layout), ranks)  # a close call must not split the ranks
     distributed.reshard(policy)
     emit({"kind": "layout", **layout})
     if tcfg.shared_prefix and not shared:
@@ -385,6 +384,9 @@ def train_policy(
             result["eval/regressed"] = heldout_regressed(state.evals[0], result)
         state.evals.append({"step": state.step, **result})
         emit({"kind": "eval", "step": state.step, "total_steps": total, "metrics": result})
+
+    def stop() -> bool:  # every rank stops at the same step boundary, or none does
+        return distributed.any_across(should_stop is not None and should_stop(), ranks, device)
 
     if eval_idx and not state.evals:
         run_eval()  # the baseline: held-out metrics of the initial policy

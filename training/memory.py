@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from training.batching import check_forward_budget
+from training.distributed import decoder_layers
 from training.layout import known_reason
 
 GIB = 1024**3
@@ -77,8 +78,10 @@ NF4_BYTES = 0.5 + 0.0625  # 4-bit weights plus double-quantized block constants
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2, "rmsprop": 4}  # state a trainable parameter
 
 
-def estimate_memory(cfg, path: str) -> MemoryEstimate:
-    """The job's peak memory on its device, by part (bytes)."""
+def estimate_memory(cfg, path: str, shards: int = 1) -> MemoryEstimate:
+    """The job's peak memory on its device, by part (bytes). `shards`: the ranks a full
+    fine-tune is sharded over (FSDP2): each holds 1/N of the weights, gradients and optimizer
+    state, plus the weights it gathers for a pass (the root group and about two layers)."""
     model, config = _meta_model(path, cfg.model.trust_remote_code)
     n = sum(p.numel() for p in model.parameters())
     lora, precision, tcfg = cfg.model.lora.enabled, cfg.train.precision, cfg.train
@@ -97,6 +100,13 @@ def estimate_memory(cfg, path: str) -> MemoryEstimate:
     optimizer = OPTIMIZER_BYTES.get(tcfg.optimizer, 8) * trainable + temporaries
     live_copy = tcfg.reference == "live" and not lora and not cfg.loss.reference_free
     reference = 4 * n if live_copy else 0
+    grads = 4 * trainable
+    if shards > 1 and not lora:
+        layers = decoder_layers(model)
+        per_layer = sum(p.numel() for p in layers[0].parameters())
+        gathered = n - len(layers) * per_layer + 2 * per_layer
+        weights = 4 * n // shards + compute_bytes * gathered
+        grads, optimizer = grads // shards, optimizer // shards
 
     text = getattr(config, "text_config", None) or config
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0)
@@ -113,7 +123,7 @@ def estimate_memory(cfg, path: str) -> MemoryEstimate:
     # will use them: asked for, or a fallback known from the config (training/layout.py).
     separate = not tcfg.shared_prefix or known_reason(model, 2 * cfg.data.max_length) is not None
     logits = (budget * vocab * compute_bytes if separate else 0) + tcfg.logprob_chunk_size * vocab * 12
-    return MemoryEstimate(weights, 4 * trainable, optimizer, reference, activation_bytes + logits)
+    return MemoryEstimate(weights, grads, optimizer, reference, activation_bytes + logits)
 
 
 def free_memory(device: torch.device) -> int:
@@ -130,12 +140,12 @@ def free_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_memory(cfg, path: str, device: torch.device) -> MemoryEstimate | None:
+def check_memory(cfg, path: str, device: torch.device, shards: int = 1) -> MemoryEstimate | None:
     """The estimate, or InsufficientMemory naming what does not fit and what would help; None
     when train.memory_check is off (nothing is estimated: the model's config is not even read)."""
     if not cfg.train.memory_check:
         return None
-    estimate = estimate_memory(cfg, path)
+    estimate = estimate_memory(cfg, path, shards)
     free = free_memory(device)
     if estimate.total > HEADROOM * free:
         hints = []
