@@ -56,7 +56,7 @@ class Settings(BaseSettings):
 
     # Storage
     storage_backend: Literal["local", "firebase"] = "local"
-    preferences_dir: Path = Path("data/preferences")  # local source: <dir>/<communityId>.jsonl|.json
+    preferences_dir: Path = Path("data/preferences")  # local source: <dir>/<communityId>.jsonl|.json|.parquet
     artifacts_dir: Path = Path("artifacts")  # local store: <dir>/<communityId>/<jobId>/
 
     # Firebase (DPO_STORAGE_BACKEND=firebase). Credentials: GOOGLE_APPLICATION_CREDENTIALS or

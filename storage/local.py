@@ -1,4 +1,4 @@
-"""Local filesystem backend: records from <dir>/<communityId>.jsonl|.json, artifacts to a directory."""
+"""Local filesystem backend: records from <dir>/<communityId>.jsonl|.json|.parquet, artifacts to a directory."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from storage.base import SourceError, StorageError, StoredArtifact
 from storage.manifest import MANIFEST, build_manifest, write_manifest
-from training.records import RecordError, load_records_file
+from training.records import RECORD_FILES, RecordError, load_records_file
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class LocalPreferenceSource:
     def fetch(
         self, community_id: str, since: datetime | None = None, limit: int | None = None
     ) -> tuple[list[Any], list[str]]:
-        for suffix in (".jsonl", ".json"):
+        for suffix in RECORD_FILES:
             path = self.root / f"{community_id}{suffix}"
             if path.is_file():
                 try:
@@ -46,7 +46,7 @@ class LocalPreferenceSource:
                     )
                 return records, ids
         raise SourceError(
-            f"no preference records for community '{community_id}' (no {community_id}.jsonl or .json in the data directory)"
+            f"no preference records for community '{community_id}' (no {community_id}.jsonl, .json or .parquet in the data directory)"
         )
 
     def check(self) -> str | None:

@@ -1,4 +1,4 @@
-"""The three record formats normalise to pairs; bad records name their index and field."""
+"""The record formats normalise to pairs; bad records name their index and field."""
 
 import json
 from pathlib import Path
@@ -39,13 +39,120 @@ def test_chat_format_keeps_the_conversation():
     assert (pair.chosen, pair.rejected) == ("Hello!", "Go away.")
 
 
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_trl_conversational_format_with_an_explicit_prompt():
+    record = {
+        "prompt": [{"role": "system", "content": "Be kind."}, user("Hi")],
+        "chosen": [assistant("Hello!")],
+        "rejected": [assistant("Go away.")],
+    }
+    (pair,) = normalise_record(record)
+    assert pair.messages == (("system", "Be kind."), ("user", "Hi")) and pair.prompt is None
+    assert (pair.chosen, pair.rejected) == ("Hello!", "Go away.")
+
+
+def test_trl_implicit_prompt_is_the_conversation_chosen_and_rejected_share():
+    shared = [user("2+2?"), assistant("4"), user("and times 3?")]
+    record = {"chosen": [*shared, assistant("12")], "rejected": [*shared, assistant("6")]}
+    (pair,) = normalise_record(record)
+    assert pair.messages == (("user", "2+2?"), ("assistant", "4"), ("user", "and times 3?"))
+    assert (pair.chosen, pair.rejected) == ("12", "6")
+
+
+def test_content_given_as_text_parts_is_joined():
+    record = {
+        "prompt": [
+            {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}
+        ],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}],
+        "rejected": [assistant("No.")],
+    }
+    (pair,) = normalise_record(record)
+    assert pair.messages == (("user", "Name a colour."),) and pair.chosen == "Blue."
+
+
+@pytest.mark.parametrize(
+    "record, field, message",
+    [
+        (
+            {"prompt": "Hi", "chosen": [assistant("a")], "rejected": [assistant("b")]},
+            "prompt",
+            "expected a non-empty list of messages, as the record's other fields are, got str",
+        ),
+        (
+            {"chosen": [user("x"), assistant("a")], "rejected": [user("y"), assistant("b")]},
+            "prompt",
+            "is required: 'chosen' and 'rejected' share no first messages to take as the prompt",
+        ),
+        (
+            {"prompt": [user("Hi")], "chosen": [assistant("a"), user("more")], "rejected": [assistant("b")]},
+            "chosen",
+            "expected one assistant message after the prompt, got 2 messages from [0]",
+        ),
+        (
+            {"prompt": [user("Hi")], "chosen": [user("a")], "rejected": [assistant("b")]},
+            "chosen[0].role",
+            "expected 'assistant'",
+        ),
+        (
+            {
+                "prompt": [user("Hi")],
+                "chosen": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {}}]}],
+                "rejected": [assistant("b")],
+            },
+            "chosen[0].content[0]",
+            "expected a text part {'type': 'text', 'text': ...}, got 'image_url'",
+        ),
+        (
+            {
+                "prompt": [user("Hi")],
+                "chosen": [assistant("a")],
+                "rejected": [assistant("b")],
+                "tools": [{"type": "function"}],
+            },
+            "tools",
+            "tool definitions and tool calls are not supported",
+        ),
+        (
+            {
+                "prompt": [user("Hi")],
+                "chosen": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}],
+                "rejected": [assistant("b")],
+            },
+            "chosen[0].tool_calls",
+            "tool definitions and tool calls are not supported",
+        ),
+        (
+            {
+                "input": {"messages": [user("Hi")], "tools": [{"type": "function"}]},
+                "preferred_output": [assistant("a")],
+                "non_preferred_output": [assistant("b")],
+            },
+            "input.tools",
+            "tool definitions and tool calls are not supported",
+        ),
+    ],
+)
+def test_bad_conversational_records_name_the_field(record, field, message):
+    with pytest.raises(RecordError) as err:
+        normalise_record(record, rid=7)
+    assert err.value.record == 7 and err.value.field == field and message in err.value.message
+
+
 def test_sample_file_matches_the_schema_and_normalises():
     schema = json.loads((REPO / "datasets/preference_record.schema.json").read_text())
     records = load_records_file(str(REPO / "datasets/sample.jsonl"))
     for record in records:
         jsonschema.validate(record, schema)
     pairs, errors = normalise_records(records)
-    assert len(pairs) == 1 + 3 + 1 and errors == []
+    assert len(pairs) == 1 + 3 + 1 + 2 and errors == []
 
 
 @pytest.mark.parametrize(
@@ -133,3 +240,23 @@ def test_strings_longer_than_the_limit_are_named():
         RecordError, match="record 0: field 'input.messages\\[0\\].content': 101 characters, more than the limit of 100"
     ):
         normalise_records([record], max_chars=100)
+
+
+def test_a_parquet_file_written_by_huggingface_datasets_loads_in_any_format(tmp_path):
+    """Users keep preference data as Parquet (the Hub's format); nested message lists survive,
+    and a column only some rows use does not turn into a null field of the others."""
+    from datasets import Dataset
+
+    records = [
+        {"prompt": "Q?", "chosen": "good", "rejected": "bad"},
+        {"prompt": [user("Hi")], "chosen": [assistant("Hello!")], "rejected": [assistant("Go away.")]},
+    ]
+    Dataset.from_list(records[:1]).to_parquet(str(tmp_path / "plain.parquet"))
+    Dataset.from_list(records[1:]).to_parquet(str(tmp_path / "chat.parquet"))
+    plain = load_records_file(str(tmp_path / "plain.parquet"))
+    chat = load_records_file(str(tmp_path / "chat.parquet"))
+    assert plain == records[:1] and chat == records[1:]
+    assert [p.chosen for p in normalise_records(plain + chat)[0]] == ["good", "Hello!"]
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(RecordError, match="not a readable Parquet file"):
+        load_records_file(str(tmp_path / "broken.parquet"))

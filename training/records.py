@@ -1,10 +1,18 @@
 """Preference records in the accepted formats, normalised to (prompt, chosen, rejected) pairs.
 
-Three formats (see datasets/preference_record.schema.json):
+The formats (see datasets/preference_record.schema.json):
   pairs   {"prompt", "chosen", "rejected"}
   ranked  {"prompt", "responses": [..], "pairs": [[preferred, rejected], ..], "sft_target"?}
           (each pair may also be {"preferred": i, "rejected": j}: Firestore cannot nest arrays)
   chat    {"input": {"messages": [..]}, "preferred_output": [msg], "non_preferred_output": [msg]}
+          (OpenAI's preference fine-tuning JSONL)
+  conversational (TRL's preference formats, messages as lists of {"role", "content"}):
+          explicit prompt {"prompt": [msgs], "chosen": [msg], "rejected": [msg]}, or
+          implicit prompt {"chosen": [msgs], "rejected": [msgs]}: the messages they share are the
+          prompt, each keeps one assistant message of its own
+A message's content is a string or a list of text parts ([{"type": "text", "text": ...}]).
+Tool definitions and tool calls are refused, not dropped: the chat templates would have to render
+them, and a conversation trained without them is another conversation.
 
 Validation errors name the record (its index, or the id the caller gave it) and the field.
 """
@@ -63,13 +71,15 @@ def detect_format(record: Any, rid: int | str = 0) -> str:
         return "chat"
     if "responses" in record:
         return "ranked"
+    if any(isinstance(record.get(key), list) for key in ("prompt", "chosen", "rejected")):
+        return "conversational"
     if "chosen" in record or "rejected" in record:
         return "pairs"
     raise RecordError(
         rid,
         "<record>",
-        "unrecognised format: expected 'chosen'/'rejected' (pairs), 'responses'/'pairs' (ranked) "
-        "or 'input'/'preferred_output'/'non_preferred_output' (chat)",
+        "unrecognised format: expected 'chosen'/'rejected' (pairs, or TRL's conversational), 'responses'/'pairs'"
+        " (ranked) or 'input'/'preferred_output'/'non_preferred_output' (chat)",
     )
 
 
@@ -119,16 +129,45 @@ def _ranked_record(record: dict, rid: int | str) -> list[PreferencePair]:
     return out
 
 
+TOOLS_REFUSED = (
+    "tool definitions and tool calls are not supported: the chat template would have to render them,"
+    " and dropping them would train on another conversation; remove them from the record"
+)
+
+
 def _message(msg: Any, rid: int | str, field: str) -> tuple[str, str]:
     if not isinstance(msg, dict):
         raise RecordError(rid, field, f"expected a message object, got {_type_name(msg)}")
     role = msg.get("role")
     if role not in CHAT_ROLES:
         raise RecordError(rid, f"{field}.role", f"expected one of {list(CHAT_ROLES)}, got {role!r}")
-    content = msg.get("content")
-    if not isinstance(content, str):
-        raise RecordError(rid, f"{field}.content", f"expected a string, got {_type_name(content)}")
-    return role, content
+    if msg.get("tool_calls"):
+        raise RecordError(rid, f"{field}.tool_calls", TOOLS_REFUSED)
+    return role, _content(msg.get("content"), rid, f"{field}.content")
+
+
+def _content(content: Any, rid: int | str, field: str) -> str:
+    """A message's text: a string, or OpenAI's list of parts of which only text ones are taken."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RecordError(rid, field, f"expected a string or a list of text parts, got {_type_name(content)}")
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else _type_name(part)
+            raise RecordError(
+                rid, f"{field}[{i}]", f"expected a text part {{'type': 'text', 'text': ...}}, got {kind!r}"
+            )
+        if not isinstance(part.get("text"), str):
+            raise RecordError(rid, f"{field}[{i}].text", f"expected a string, got {_type_name(part.get('text'))}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _refuse_tools(record: dict, rid: int | str, field: str = "tools") -> None:
+    if record.get("tools"):
+        raise RecordError(rid, field, TOOLS_REFUSED)
 
 
 def _chat_output(record: dict, key: str, rid: int | str) -> str:
@@ -147,6 +186,7 @@ def _chat_record(record: dict, rid: int | str) -> list[PreferencePair]:
     inp = record.get("input")
     if not isinstance(inp, dict):
         raise RecordError(rid, "input", f"expected an object with 'messages', got {_type_name(inp)}")
+    _refuse_tools(inp, rid, "input.tools")
     messages = inp.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RecordError(rid, "input.messages", "expected a non-empty list of messages")
@@ -162,7 +202,65 @@ def _chat_record(record: dict, rid: int | str) -> list[PreferencePair]:
     return [PreferencePair(messages=conversation, chosen=chosen, rejected=rejected, source=str(rid))]
 
 
-_PARSERS = {"pairs": _pairs_record, "ranked": _ranked_record, "chat": _chat_record}
+def _messages(record: dict, key: str, rid: int | str) -> tuple[tuple[str, str], ...]:
+    value = record.get(key)
+    if key not in record:
+        raise RecordError(rid, key, "is required")
+    if not isinstance(value, list) or not value:
+        raise RecordError(
+            rid,
+            key,
+            f"expected a non-empty list of messages, as the record's other fields are, got {_type_name(value)}",
+        )
+    return tuple(_message(m, rid, f"{key}[{i}]") for i, m in enumerate(value))
+
+
+def _answer(messages: tuple[tuple[str, str], ...], rid: int | str, key: str, offset: int) -> str:
+    """The one assistant message a conversational record's chosen or rejected adds to its prompt."""
+    if len(messages) != 1:
+        raise RecordError(
+            rid, key, f"expected one assistant message after the prompt, got {len(messages)} messages from [{offset}]"
+        )
+    role, content = messages[0]
+    if role != "assistant":
+        raise RecordError(rid, f"{key}[{offset}].role", f"expected 'assistant', got {role!r}")
+    if not content.strip():
+        raise RecordError(rid, f"{key}[{offset}].content", "must not be empty")
+    return content
+
+
+def _conversational_record(record: dict, rid: int | str) -> list[PreferencePair]:
+    """TRL's conversational preference formats: an explicit prompt, or an implicit one (the
+    messages chosen and rejected share)."""
+    _refuse_tools(record, rid)
+    chosen, rejected = _messages(record, "chosen", rid), _messages(record, "rejected", rid)
+    if "prompt" in record:
+        prompt, offset = _messages(record, "prompt", rid), 0
+    else:
+        offset = 0
+        while offset < min(len(chosen), len(rejected)) - 1 and chosen[offset] == rejected[offset]:
+            offset += 1
+        if offset == 0:
+            raise RecordError(
+                rid, "prompt", "is required: 'chosen' and 'rejected' share no first messages to take as the prompt"
+            )
+        prompt = chosen[:offset]
+    if prompt[-1][0] == "assistant":
+        field = f"prompt[{len(prompt) - 1}].role" if "prompt" in record else f"chosen[{offset - 1}].role"
+        raise RecordError(rid, field, "the prompt must not end with the assistant")
+    good = _answer(chosen[offset:], rid, "chosen", offset)
+    bad = _answer(rejected[offset:], rid, "rejected", offset)
+    if good == bad:
+        raise RecordError(rid, "rejected", "is identical to 'chosen': nothing to prefer")
+    return [PreferencePair(messages=prompt, chosen=good, rejected=bad, source=str(rid))]
+
+
+_PARSERS = {
+    "pairs": _pairs_record,
+    "ranked": _ranked_record,
+    "chat": _chat_record,
+    "conversational": _conversational_record,
+}
 
 
 def normalise_record(record: Any, rid: int | str = 0) -> list[PreferencePair]:
@@ -251,8 +349,21 @@ def read_jsonl(lines: Iterable[str]) -> list[Any]:
     return out
 
 
+RECORD_FILES = (".jsonl", ".json", ".parquet")
+
+
 def load_records_file(path: str) -> list[Any]:
-    """Records from a .jsonl file (one per line) or a .json file (a list)."""
+    """Records from a .jsonl file (one per line), a .json file (a list) or a .parquet file (a
+    row each, as HuggingFace datasets write them; nested columns hold the message lists)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow's errors have no common base
+            raise RecordError("-", "<file>", f"{path}: not a readable Parquet file: {err}") from None
+        # a column only some rows use is null in the others: such a row has no such field
+        return [{key: value for key, value in row.items() if value is not None} for row in rows]
     with open(path, encoding="utf-8") as fh:
         if path.endswith(".jsonl"):
             return read_jsonl(fh)
