@@ -174,12 +174,7 @@ def _chat_output(record: dict, key: str, rid: int | str) -> str:
     value = record.get(key)
     if not isinstance(value, list) or len(value) != 1:
         raise RecordError(rid, key, "expected a list holding exactly one assistant message")
-    role, content = _message(value[0], rid, f"{key}[0]")
-    if role != "assistant":
-        raise RecordError(rid, f"{key}[0].role", f"expected 'assistant', got {role!r}")
-    if not content.strip():
-        raise RecordError(rid, f"{key}[0].content", "must not be empty")
-    return content
+    return _answer((_message(value[0], rid, f"{key}[0]"),), rid, key, 0)
 
 
 def _chat_record(record: dict, rid: int | str) -> list[PreferencePair]:
@@ -216,7 +211,7 @@ def _messages(record: dict, key: str, rid: int | str) -> tuple[tuple[str, str], 
 
 
 def _answer(messages: tuple[tuple[str, str], ...], rid: int | str, key: str, offset: int) -> str:
-    """The one assistant message a conversational record's chosen or rejected adds to its prompt."""
+    """The one assistant message a chosen or rejected adds to its prompt (from index `offset`)."""
     if len(messages) != 1:
         raise RecordError(
             rid, key, f"expected one assistant message after the prompt, got {len(messages)} messages from [{offset}]"
