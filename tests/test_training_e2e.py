@@ -60,6 +60,13 @@ def test_full_finetune_learns_the_toy_rule(tmp_path, toy, fmt):
     } <= set(result.files)
     saved = json.loads((result.output_dir / "metrics.json").read_text())
     assert saved["final_eval"] == metrics["final_eval"] and saved["dataset"]["records"] == 200
+    from huggingface_hub import ModelCard  # the card the Hub and serving tools read
+
+    card = ModelCard.load(result.output_dir / "README.md")
+    assert card.data.base_model == metrics["model"]["name_or_path"] and card.data.library_name == "transformers"
+    assert card.data.tags == ["dpo"] and "on 200 preference pairs from 200 records" in card.text.replace("\n", " ")
+    accuracy = f"| rewards/accuracies | {metrics['evals'][0]['eval/rewards/accuracies']:.4f} |"
+    assert accuracy in card.text and f"{metrics['final_eval']['eval/rewards/accuracies']:.4f} |" in card.text
 
 
 @pytest.fixture

@@ -71,4 +71,79 @@ def save_run(output_dir: Path, policy, tokenizer, cfg, state, extra: dict, weigh
     metrics = save_metrics(output_dir / "metrics.json", state, extra)
     if cfg.train.plot and state.history:
         save_plot(output_dir / "training_curves.png", state.history, state.evals)
+    save_model_card(output_dir / "README.md", cfg, metrics)
     return metrics
+
+
+def save_model_card(path: Path, cfg, metrics: dict) -> None:
+    """A HuggingFace model card: the metadata the Hub and serving tools read (base model,
+    library, tags), then what was trained, how, on how much data, and how it scored held out."""
+    from huggingface_hub import ModelCardData
+
+    model, data, final, evals = metrics["model"], metrics["dataset"], metrics["final_eval"], metrics["evals"]
+    lora = model["lora"]
+    card = ModelCardData(
+        base_model=model["name_or_path"],
+        library_name="peft" if lora else "transformers",
+        tags=list(dict.fromkeys(["dpo", cfg.loss.name, *(["lora"] if lora else [])])),
+        pipeline_tag="text-generation",
+    )
+    tcfg = cfg.train
+    settings = {
+        "loss": f"{cfg.loss.name} (beta {cfg.loss.beta}, label smoothing {cfg.loss.label_smoothing})",
+        "learning rate": f"{tcfg.learning_rate} ({tcfg.scheduler}, {tcfg.warmup_steps} warmup steps)",
+        "epochs / steps": f"{tcfg.epochs} / {metrics['steps']}",
+        "batch size (pairs a step)": tcfg.batch_size,
+        "optimizer": f"{tcfg.optimizer} (weight decay {tcfg.weight_decay}, max grad norm {tcfg.max_grad_norm})",
+        "precision": tcfg.precision,
+        "max length / prompt": f"{cfg.data.max_length} / {cfg.data.max_prompt_length} tokens",
+        "reference": "none" if cfg.loss.reference_free else tcfg.reference,
+        "LoRA": f"r {cfg.model.lora.r}, alpha {cfg.model.lora.alpha}, {cfg.model.lora.target_modules}"
+        if lora
+        else "no",
+        "seed": tcfg.seed,
+        "processes": metrics.get("processes", 1),
+    }
+    rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
+    held_out = "No held-out set (too few pairs, or data.eval_fraction 0)."
+    if final:
+        baseline = evals[0] if evals else {}
+        names = ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss")
+        lines = [f"| {n.removeprefix('eval/')} | {baseline.get(n, float('nan')):.4f} | {final[n]:.4f} |" for n in names]
+        held_out = "| metric | before training | after |\n|---|---|---|\n" + "\n".join(lines)
+        if final.get("eval/regressed"):
+            held_out += "\n\n**Held-out metrics got worse than before training (eval/regressed).**"
+    load = (
+        f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{model["name_or_path"]}"), "<this folder>")'
+        if lora
+        else 'AutoModelForCausalLM.from_pretrained("<this folder>")'
+    )
+    body = f"""# {Path(str(model["name_or_path"])).name}, fine-tuned with {cfg.loss.name.upper()}
+
+Preference fine-tuning ({"a LoRA adapter" if lora else "full weights"}, saved as {model["saved_dtype"]}) of
+`{model["name_or_path"]}` on {data["pairs"]} preference pairs from {data["records"]} records
+({data["skipped_records"]} skipped), by the DPO fine-tuning microservice.
+
+## Training
+
+| setting | value |
+|---|---|
+{rows}
+
+## Held-out preference pairs
+
+{held_out}
+
+Curves: `training_curves.png`; every step and evaluation: `metrics.json`; the full config:
+`training_config.yaml`.
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer{chr(10) + "from peft import PeftModel" if lora else ""}
+
+model = {load}
+tokenizer = AutoTokenizer.from_pretrained("<this folder>")
+```
+"""
+    path.write_text(f"---\n{card.to_yaml()}\n---\n\n{body}", encoding="utf-8")
