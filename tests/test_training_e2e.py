@@ -60,6 +60,14 @@ def test_full_finetune_learns_the_toy_rule(tmp_path, toy, fmt):
     } <= set(result.files)
     saved = json.loads((result.output_dir / "metrics.json").read_text())
     assert saved["final_eval"] == metrics["final_eval"] and saved["dataset"]["records"] == 200
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = EventAccumulator(str(result.output_dir / "tensorboard"))
+    curves.Reload()  # what `tensorboard --logdir` reads
+    assert [e.step for e in curves.Scalars("train/loss")] == [h["step"] for h in metrics["history"]]
+    assert [e.value for e in curves.Scalars("eval/rewards/accuracies")] == pytest.approx(
+        [e["eval/rewards/accuracies"] for e in metrics["evals"]]
+    )
     from huggingface_hub import ModelCard  # the card the Hub and serving tools read
 
     card = ModelCard.load(result.output_dir / "README.md")

@@ -71,8 +71,36 @@ def save_run(output_dir: Path, policy, tokenizer, cfg, state, extra: dict, weigh
     metrics = save_metrics(output_dir / "metrics.json", state, extra)
     if cfg.train.plot and state.history:
         save_plot(output_dir / "training_curves.png", state.history, state.evals)
+    save_tensorboard(output_dir / "tensorboard", state.history, state.evals)
     save_model_card(output_dir / "README.md", cfg, metrics)
     return metrics
+
+
+TENSORBOARD_SCALARS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+)
+
+
+def save_tensorboard(log_dir: Path, history: list[dict], evals: list[dict]) -> None:
+    """The curves as TensorBoard event files (PyTorch's SummaryWriter): `tensorboard --logdir`
+    on a downloaded artifact shows train/* per step and eval/* at each held-out evaluation."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        for entry in history:
+            for name in TENSORBOARD_SCALARS:
+                writer.add_scalar(f"train/{name}", entry[name], entry["step"])
+        for entry in evals:
+            for name, value in entry.items():
+                if name.startswith("eval/") and isinstance(value, float):
+                    writer.add_scalar(name, value, entry["step"])
 
 
 def save_model_card(path: Path, cfg, metrics: dict) -> None:
