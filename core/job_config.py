@@ -42,6 +42,13 @@ def job_training_config(overrides: TrainOverrides | None, settings: Settings) ->
         cfg = compose_config(preset, loss, {"output_dir": "unset", **values})
     except (KeyError, ValueError) as err:  # the schema ranges make this rare: a bug, said plainly
         raise ServiceError(422, "invalid_config", f"config: {err}", field="config") from None
+    if cfg.model.merge and not cfg.model.lora.enabled:
+        raise ServiceError(
+            422,
+            "invalid_config",
+            "config.merge: needs lora: true (a full fine-tune stores full weights already)",
+            field="config.merge",
+        )
     length, prompt = cfg.data.max_length, cfg.data.max_prompt_length
     if "data.max_prompt_length" in values:
         if prompt >= length:

@@ -38,6 +38,7 @@ class TrainOverrides(BaseModel):
     )
     lora: bool | None = None
     lora_rank: int | None = Field(None, ge=1, le=512)
+    merge: bool | None = Field(None, description="LoRA: also store the adapter merged into the base (merged/)")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     gpus: int | None = Field(
         None, ge=1, le=64, description="GPUs for this job, one training process each (torchrun); at most the replica's"
@@ -59,6 +60,7 @@ class TrainOverrides(BaseModel):
             "batch_size": "train.batch_size",
             "lora": "model.lora.enabled",
             "lora_rank": "model.lora.r",
+            "merge": "model.merge",
             "seed": "train.seed",
             "max_length": "data.max_length",
             "max_prompt_length": "data.max_prompt_length",

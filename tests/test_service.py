@@ -288,6 +288,24 @@ def test_verify_binds_method_path_query_and_body_exactly():
             "config.max_prompt_length",
             "config.max_prompt_length: must be smaller than max_length (64), got 64",
         ),
+        (
+            {"communityId": "c", "config": {"merge": True}},
+            "config.merge",
+            "config.merge: needs lora: true (a full fine-tune stores full weights already)",
+        ),
+        (
+            {"communityId": "c", "config": {"gpus": 2}},
+            "config.gpus",
+            "config.gpus: this service runs a job on at most 1 GPU (DPO_GPUS lists 0), got 2",
+        ),
+        (
+            {
+                "communityId": "c",
+                "dataset": [{"prompt": [{"role": "user", "content": "Hi"}], "chosen": "a", "rejected": "b"}],
+            },
+            "dataset[0].chosen",
+            "record 0: field 'chosen': expected a non-empty list of messages",
+        ),
         ({"communityId": "c", "config": {"loss": "${oc.env:DPO_WEBHOOK_SECRET}"}}, "config.loss", "expected one of"),
         ({"communityId": "../x"}, "communityId", "should match pattern"),
         ({"communityId": "a,b=c"}, "communityId", "should match pattern"),

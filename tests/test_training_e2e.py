@@ -104,20 +104,32 @@ def test_saved_full_model_reloads_with_identical_logps(tmp_path, toy, trained_po
     assert not torch.allclose(logps_of(base, tokenizer, records), want)
 
 
-def test_lora_learns_and_the_adapter_reloads_with_peft(tmp_path, toy, trained_policy):
+def test_lora_learns_and_the_adapter_reloads_with_peft_and_merged(tmp_path, toy, trained_policy):
+    """The adapter reloads with PEFT; with model.merge the adapter folded into the base is
+    stored too (merged/), a plain model that scores as the adapter does."""
     from peft import PeftModel
 
-    cfg = make_cfg(lora=True, **{"train.learning_rate": 3e-3, "train.epochs": 3})
+    cfg = make_cfg(lora=True, **{"train.learning_rate": 3e-3, "train.epochs": 3, "model.merge": True})
     result = run_training(cfg, toy(200), tmp_path / "out")
     assert abs(result.metrics["history"][0]["loss"] - math.log(2)) < 1e-3
     assert result.metrics["final_eval"]["eval/rewards/accuracies"] >= 0.9, result.metrics["final_eval"]
     assert "adapter_model.safetensors" in result.files and "model.safetensors" not in result.files
+    assert {"merged/model.safetensors", "merged/config.json", "merged/tokenizer.json"} <= set(result.files)
     base = AutoModelForCausalLM.from_pretrained(result.metrics["model"]["name_or_path"])
     reloaded = PeftModel.from_pretrained(base, result.output_dir)
     tokenizer = AutoTokenizer.from_pretrained(result.output_dir)
     records = toy(4, seed=5)
     want = logps_of(trained_policy["policy"], tokenizer, records)
     torch.testing.assert_close(logps_of(reloaded, tokenizer, records), want, atol=1e-5, rtol=0)
+    merged = AutoModelForCausalLM.from_pretrained(result.output_dir / "merged")
+    torch.testing.assert_close(logps_of(merged, tokenizer, records), want, atol=1e-4, rtol=0)
+
+
+def test_merge_needs_lora_and_a_base_that_can_take_it(tmp_path, toy):
+    with pytest.raises(ValueError, match="model.merge: needs model.lora.enabled=true"):
+        run_training(make_cfg(**{"model.merge": True}), toy(8), tmp_path / "full")
+    with pytest.raises(ValueError, match="model.merge: a 4-bit base cannot take the adapter exactly"):
+        run_training(make_cfg(lora=True, **{"model.merge": True, "model.quantization": "4bit"}), toy(8), tmp_path / "q")
 
 
 def test_live_reference_copy_matches_precompute(tmp_path, toy):

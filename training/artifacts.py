@@ -52,6 +52,18 @@ def save_plot(path: Path, history: list[dict], evals: list[dict]) -> None:
     plt.close(fig)
 
 
+MERGED = "merged"  # a LoRA job's adapter merged into its base, next to the adapter
+
+
+def save_merged(directory: Path, policy, tokenizer, weights_dtype) -> None:
+    """The LoRA adapter folded into the base weights (PEFT's merge_and_unload), saved as a plain
+    model in the base's dtype: what vLLM or TGI serve without PEFT. Training is over: the policy
+    is merged in place."""
+    merged = policy.merge_and_unload()
+    merged.to(weights_dtype).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
 def save_run(output_dir: Path, policy, tokenizer, cfg, state, extra: dict, weights_dtype, weights=None) -> dict:
     """Everything a user needs to load and judge the result. Returns the metrics dict.
 
@@ -66,6 +78,8 @@ def save_run(output_dir: Path, policy, tokenizer, cfg, state, extra: dict, weigh
         if not hasattr(policy, "peft_config"):
             policy.to(weights_dtype)  # training is over: the master copy is no longer needed
         policy.save_pretrained(output_dir, safe_serialization=True)  # full model, or only the LoRA adapter
+        if cfg.model.merge:
+            save_merged(output_dir / MERGED, policy, tokenizer, weights_dtype)
     tokenizer.save_pretrained(output_dir)
     (output_dir / "training_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     metrics = save_metrics(output_dir / "metrics.json", state, extra)

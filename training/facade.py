@@ -53,6 +53,7 @@ def run_training(
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"config values required but missing: {', '.join(missing)}")
+    check_merge(cfg.model)
     data = cfg.data
     pairs, skipped = normalise_records(records, ids=record_ids, skip_invalid=data.skip_invalid)
     for err in skipped:
@@ -91,6 +92,19 @@ def run_training(
     metrics = save_run(out, policy, tokenizer, cfg, state, extra, source_dtype, weights)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     return TrainingResult(out, metrics, files)
+
+
+def check_merge(model_cfg) -> None:
+    """model.merge folds a LoRA adapter into its base: it needs LoRA, and a base whose weights
+    can take the adapter exactly (not 4-bit)."""
+    if not model_cfg.merge:
+        return
+    if not model_cfg.lora.enabled:
+        raise ValueError("model.merge: needs model.lora.enabled=true (a full fine-tune stores full weights already)")
+    if model_cfg.quantization is not None:
+        raise ValueError(
+            "model.merge: a 4-bit base cannot take the adapter exactly; merge the adapter into the bf16 base instead"
+        )
 
 
 from training.artifacts import save_run  # noqa: E402  (kept at the bottom: matplotlib is slow to import)
