@@ -59,8 +59,9 @@ class Settings(BaseSettings):
     preferences_dir: Path = Path("data/preferences")  # local source: <dir>/<communityId>.jsonl|.json|.parquet
     artifacts_dir: Path = Path("artifacts")  # local store: <dir>/<communityId>/<jobId>/
 
-    # Firebase (DPO_STORAGE_BACKEND=firebase). Credentials: GOOGLE_APPLICATION_CREDENTIALS or
-    # DPO_FIREBASE_CREDENTIALS (a service-account key path); anonymous against the emulators.
+    # Firebase (DPO_STORAGE_BACKEND=firebase). Credentials: DPO_FIREBASE_CREDENTIALS (a credential
+    # file of any type google.auth loads), else Google's default chain (GOOGLE_APPLICATION_CREDENTIALS,
+    # gcloud's login, workload identity); anonymous against the emulators.
     firebase_credentials: Path | None = None
     firebase_project_id: str | None = Field(
         None, validation_alias=AliasChoices("DPO_FIREBASE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT")

@@ -49,7 +49,7 @@ class FirebaseClients:
 
     @classmethod
     def from_settings(cls, settings) -> FirebaseClients:
-        path = settings.firebase_credentials or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        path = settings.firebase_credentials  # else Google's default chain, GOOGLE_APPLICATION_CREDENTIALS first
         return cls(settings.firebase_project_id, settings.firebase_storage_bucket, str(path) if path else None)
 
     def app(self):
@@ -61,8 +61,8 @@ class FirebaseClients:
                 if using_emulators():
                     credential = _AnonymousCredential()
                 elif self.credentials_path:
-                    credential = credentials.Certificate(self.credentials_path)
-                else:
+                    credential = file_credential(self.credentials_path)
+                else:  # GOOGLE_APPLICATION_CREDENTIALS (any type), gcloud's user login, workload identity
                     credential = credentials.ApplicationDefault()
                 options = {k: v for k, v in (("projectId", self.project_id), ("storageBucket", self.bucket_name)) if v}
                 self._app = firebase_admin.initialize_app(credential, options, name=f"dpo-{uuid.uuid4().hex[:8]}")
@@ -79,6 +79,30 @@ class FirebaseClients:
         if not self.bucket_name:
             raise StorageError("DPO_FIREBASE_STORAGE_BUCKET is not set")
         return storage.bucket(self.bucket_name, app=self.app())
+
+
+def file_credential(path: str):
+    """A credential file of any type Google's libraries take (google.auth's own loader): a
+    service-account key, a user's `gcloud auth application-default login` file, an external
+    account (workload identity federation) or an impersonated service account. firebase_admin's
+    Certificate takes service-account keys only."""
+    import google.auth
+    from firebase_admin import credentials
+    from google.auth.credentials import with_scopes_if_required
+
+    try:  # without scopes: with them an external account would ask Google for its project here
+        loaded, project = google.auth.load_credentials_from_file(path)
+    except google.auth.exceptions.DefaultCredentialsError as err:
+        raise StorageError(f"DPO_FIREBASE_CREDENTIALS ({path}): {err}") from None
+    loaded = with_scopes_if_required(loaded, credentials._scopes)
+
+    class FromFile(credentials.Base):
+        project_id = project  # the app's project when DPO_FIREBASE_PROJECT_ID is not set
+
+        def get_credential(self):
+            return loaded
+
+    return FromFile()
 
 
 def _AnonymousCredential():  # noqa: N802 (a class made lazily so firebase_admin is not imported early)

@@ -291,3 +291,47 @@ def test_cloud_storage_back_within_the_retry_deadline_lets_the_job_succeed(tmp_p
         job = wait_for(client, job_id, timeout_s=120)
         assert job["status"] == "succeeded", job["error"]
         assert blob_names(emu.env, f"policies/flaky/{job_id}/manifest.json")
+
+
+@pytest.mark.parametrize(
+    "info, kind",
+    [
+        (  # `gcloud auth application-default login`
+            {"type": "authorized_user", "client_id": "id", "client_secret": "s", "refresh_token": "r"},
+            "google.oauth2.credentials.Credentials",
+        ),
+        (  # workload identity federation
+            {
+                "type": "external_account",
+                "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/x",
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "token_url": "https://sts.googleapis.com/v1/token",
+                "credential_source": {"file": "TOKEN_FILE"},
+            },
+            "google.auth.identity_pool.Credentials",
+        ),
+    ],
+)
+def test_any_credential_file_googles_libraries_take_is_accepted(tmp_path, info, kind):
+    """Not only service-account keys (firebase_admin's Certificate): nothing here reaches Google."""
+    from firebase_admin import credentials
+
+    from storage.firebase import file_credential
+
+    (tmp_path / "token").write_text("a-subject-token")
+    path = tmp_path / "credentials.json"
+    path.write_text(json.dumps(info).replace("TOKEN_FILE", str(tmp_path / "token")))
+    credential = file_credential(str(path))
+    assert isinstance(credential, credentials.Base)
+    loaded = credential.get_credential()
+    assert f"{type(loaded).__module__}.{type(loaded).__qualname__}" == kind
+
+
+def test_an_unusable_credential_file_is_named_in_the_error(tmp_path):
+    from storage.base import StorageError
+    from storage.firebase import file_credential
+
+    path = tmp_path / "credentials.json"
+    path.write_text(json.dumps({"type": "something_else"}))
+    with pytest.raises(StorageError, match=f"DPO_FIREBASE_CREDENTIALS \\({path}\\)"):
+        file_credential(str(path))
