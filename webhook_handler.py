@@ -14,12 +14,17 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from core import SERVICE_NAME, __version__
+from core.auth import HEADER
 from core.callbacks import check_callback_url
 from core.errors import CALLBACK_NEEDS_SECRET, IDEMPOTENCY_CONFLICT, JOB_NOT_FOUND, MISSING_SIGNATURE, ServiceError
 from core.gate import VERIFIED, Gate
@@ -67,8 +72,20 @@ def _state(request: Request):
     return request.app.state
 
 
-async def require_signature(request: Request) -> bytes:
-    """The raw body of a request the gate (core/gate.py) verified; 401 if it did not."""
+SIGNING = """Every request except /health, /ready, /metrics and /docs carries
+`X-DPO-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(DPO_WEBHOOK_SECRET, string to sign)>`, where
+the string to sign is `<t>\\n<METHOD>\\n<path>\\n<canonical query>\\n<Idempotency-Key>\\n<raw body>`:
+the query's name=value pairs sorted by name, percent-encoded (RFC 3986) and joined with `&`; the
+Idempotency-Key header's value (empty without one); the body's exact bytes (empty for GET).
+Timestamps more than 300 s off are refused; a signed trigger is accepted once. A browser cannot
+sign requests: use `tools/trigger.py` (or `core.auth.sign`) to make the header, then paste it here
+for one request."""
+SIGNATURE = APIKeyHeader(name=HEADER, scheme_name="DPO-Signature", description=SIGNING, auto_error=False)
+
+
+async def require_signature(request: Request, _header: Annotated[str | None, Security(SIGNATURE)] = None) -> bytes:
+    """The raw body of a request the gate (core/gate.py) verified; 401 if it did not. The
+    security scheme documents the header in the OpenAPI schema (and /docs); the gate checks it."""
     if request.app.state.settings.webhook_secrets is not None and not request.scope.get(VERIFIED):
         raise ServiceError(401, "unauthorized", MISSING_SIGNATURE)  # only if the gate were bypassed
     return await request.body()
@@ -364,7 +381,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.to_thread(mirror.close)
             store.close()
 
-    app = FastAPI(title="DPO fine-tuning microservice", version=__version__, lifespan=lifespan)
+    # /docs is served from this service's own copy of Swagger UI: no CDN at run time
+    app = FastAPI(title="DPO fine-tuning microservice", version=__version__, lifespan=lifespan, docs_url=None)
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -396,6 +415,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(router)
     return app
+
+
+DOCS_ASSETS = "/docs/assets"
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url=request.app.openapi_url,
+        title=f"{request.app.title} - API",
+        swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+    )
 
 
 _app: FastAPI | None = None

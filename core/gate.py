@@ -24,6 +24,7 @@ from core.errors import ServiceError
 from core.store import StoreUnavailable
 
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+PUBLIC_PREFIX = "/docs/assets/"  # Swagger UI's own files, served by the service
 ACCEPTED_ONCE = frozenset({"/trigger-finetune"})
 VERIFIED = "dpo.verified"  # scope key the gate sets on a request whose signature it checked
 _GONE = object()  # the client disconnected while sending its body
@@ -61,7 +62,7 @@ class Gate:
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             raise self._too_large()
-        if scope["path"] in PUBLIC_PATHS:
+        if scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIX):
             return None
         given, macs = None, None
         if self.secrets is not None:

@@ -117,6 +117,22 @@ def test_wait_true_answers_in_the_old_synchronous_shape(client, toy):
     )
 
 
+def test_openapi_declares_the_signature_and_docs_need_no_cdn(server):
+    """The signature header is a security scheme (so /docs shows it and explains how to sign);
+    Swagger UI's files come from the service itself, unsigned, like /docs."""
+    schema = httpx.get(server.url + "/openapi.json").json()
+    scheme = schema["components"]["securitySchemes"]["DPO-Signature"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-DPO-Signature")
+    assert "HMAC-SHA256" in scheme["description"] and "<Idempotency-Key>" in scheme["description"]
+    assert schema["paths"]["/trigger-finetune"]["post"]["security"] == [{"DPO-Signature": []}]
+    assert "security" not in schema["paths"]["/health"]["get"]
+    page = httpx.get(server.url + "/docs")
+    assert page.status_code == 200 and "cdn" not in page.text and "/docs/assets/swagger-ui-bundle.js" in page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert httpx.get(f"{server.url}/docs/assets/{asset}").status_code == 200
+    assert httpx.get(server.url + "/docs/assets/../jobs").status_code in (401, 404)  # no way out of the assets
+
+
 def test_health_keeps_answering_while_a_job_trains(server, client, toy):
     job_id = client.trigger("busy", toy(256), {"epochs": 50}).json()["job_id"]
     wait_for(client, job_id, states=("running",), step_at_least=1)
