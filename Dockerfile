@@ -10,7 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/models \
     DPO_DATA_DIR=/data/jobs \
     DPO_ARTIFACTS_DIR=/data/artifacts \
-    DPO_PREFERENCES_DIR=/data/preferences
+    DPO_PREFERENCES_DIR=/data/preferences \
+    DPO_LOG_FORMAT=json
 
 WORKDIR /app
 

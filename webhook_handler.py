@@ -29,6 +29,7 @@ from core.callbacks import check_callback_url
 from core.errors import CALLBACK_NEEDS_SECRET, IDEMPOTENCY_CONFLICT, JOB_NOT_FOUND, MISSING_SIGNATURE, ServiceError
 from core.gate import VERIFIED, Gate
 from core.job_config import job_training_config
+from core.logs import configure_logging
 from core.metrics import Metrics
 from core.runner import Runner
 from core.schemas import (
@@ -328,7 +329,14 @@ def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug: the caller gets an id to quote, never internals; the log gets the traceback."""
     error_id = uuid.uuid4().hex
-    log.error("unhandled error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+    log.error(
+        "unhandled error %s on %s %s",
+        error_id,
+        request.method,
+        request.url.path,
+        exc_info=exc,
+        extra={"error_id": error_id},
+    )
     return JSONResponse(
         {"error": {"code": "internal_error", "message": f"internal error (error id {error_id})", "error_id": error_id}},
         status_code=500,
@@ -440,7 +448,8 @@ def __getattr__(name: str):
     global _app
     if name == "app":
         if _app is None:
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            _app = create_app()
+            settings = get_settings()
+            configure_logging(settings.log_format)
+            _app = create_app(settings)
         return _app
     raise AttributeError(f"module 'webhook_handler' has no attribute {name!r}")

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from core.callbacks import CallbackSender
 from core.errors import JOB_FINISHED, JOB_NOT_FOUND, ServiceError
 from core.gpus import RANK_ERROR, GpuPool, gpu_ids, inprocess_device, process_tree, torchrun_failure
+from core.logs import job_context
 from core.schemas import job_view
 from core.store import Finish, Job, JobFinished, StoreUnavailable, replica_id
 from storage.base import SourceError, StorageError
@@ -264,7 +265,8 @@ class Runner:
                 self._wake.clear()
                 continue
             try:
-                self._run(job, token)
+                with job_context(job.id, job.community_id):  # its log records carry both (core/logs.py)
+                    self._run(job, token)
             except Exception:  # whatever went wrong, the worker lives on; the job's lease lapses
                 log.exception("job %s: the worker's run ended unexpectedly", job.id)
 
@@ -283,6 +285,7 @@ class Runner:
             return
         started = time.time()
         reason = None
+        log.info("job %s: started (attempt %d, lease %s)", job_id, job.attempts + 1, token)
         try:
             if self._stopping.is_set():  # claimed just as a shutdown began
                 self._retry_store(lambda: self.store.requeue(job_id, token, SHUTDOWN_REQUEUE))
@@ -355,6 +358,7 @@ class Runner:
                 "job %s ended (%s) but was not recorded: its lease had passed to another worker", job_id, result.status
             )
             return
+        log.info("job %s: %s after %.1f s", job_id, result.status, time.time() - started)
         self.checkpoints.remove(job_id)
         if self.metrics is not None:
             self.metrics.job_duration.labels(result.status).observe(time.time() - started)

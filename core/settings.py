@@ -15,6 +15,8 @@ from training.config import available
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DPO_", extra="ignore")
 
+    log_format: Literal["text", "json"] = "text"  # json: one object a line (severity, job_id, ...); the image's default
+
     # Auth
     webhook_secret: SecretStr | None = None  # HMAC key(s) for X-DPO-Signature: "current" or "current,previous"
     allow_unsigned: bool = False  # only for local experiments; logs a loud warning

@@ -133,6 +133,19 @@ def test_openapi_declares_the_signature_and_docs_need_no_cdn(server):
     assert httpx.get(server.url + "/docs/assets/../jobs").status_code in (401, 404)  # no way out of the assets
 
 
+def test_json_logs_are_one_object_a_line_with_severity_and_the_job(tmp_path, toy):
+    with Server(tmp_path, env={"DPO_LOG_FORMAT": "json"}) as srv:
+        client = Client(srv.url, srv.secret)
+        job = wait_for(client, client.trigger("logged", toy(16), FAST).json()["job_id"])
+        lines = [line for line in srv.log_path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"severity", "message", "logger", "time"} <= set(r) for r in records)
+    ours = [r for r in records if r.get("job_id") == job["job_id"]]
+    assert ours and all(r["community_id"] == "logged" for r in ours)
+    assert any(r["message"].startswith(f"job {job['job_id']}: succeeded") for r in ours)
+    assert any(r["logger"] == "uvicorn.access" for r in records)  # uvicorn's own lines too
+
+
 def test_health_keeps_answering_while_a_job_trains(server, client, toy):
     job_id = client.trigger("busy", toy(256), {"epochs": 50}).json()["job_id"]
     wait_for(client, job_id, states=("running",), step_at_least=1)
