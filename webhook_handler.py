@@ -190,6 +190,8 @@ async def trigger_finetune(
         "overrides": overrides.model_dump(exclude_none=True) if overrides else {},
         **await asyncio.to_thread(job_training_config, overrides, settings),  # model, loss, values; 422 if bad
         "source_options": {"since": payload.since.isoformat() if payload.since else None, "limit": payload.limit},
+        "suffix": payload.suffix,
+        "metadata": payload.metadata or {},
     }
     try:
         new_job = NewJob(

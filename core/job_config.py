@@ -5,6 +5,8 @@ the trigger (not a failed job later) and a queued job keeps its choice if the en
 
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from core.errors import ServiceError
 from core.gpus import gpu_ids
 from core.schemas import TrainOverrides
@@ -60,7 +62,25 @@ def job_training_config(overrides: TrainOverrides | None, settings: Settings) ->
             )
     elif "data.max_length" in values and prompt > length // 2:
         values["data.max_prompt_length"] = length // 2  # a shorter sequence than the preset's: keep room for answers
-    return {"model": preset, "loss": loss, "values": values, "gpus": job_gpus(overrides, settings)}
+    cfg = compose_config(preset, loss, {"output_dir": "unset", **values})  # with the prompt limit above
+    return {
+        "model": preset,
+        "loss": loss,
+        "values": values,
+        "gpus": job_gpus(overrides, settings),
+        "hyperparameters": hyperparameters(cfg),
+    }
+
+
+def hyperparameters(cfg) -> dict:
+    """The job's effective training config, every value resolved (what GET /jobs shows): the
+    preset's values with the caller's on top, without where the runner puts files."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("output_dir", None)
+    values["data"].pop("path", None)
+    for key in ("checkpoint_dir", "checkpoint_every", "threads"):
+        values["train"].pop(key, None)
+    return values
 
 
 def job_gpus(overrides: TrainOverrides | None, settings: Settings) -> int:

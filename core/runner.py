@@ -472,7 +472,7 @@ class Runner:
             artifact_uri=stored.uri,
             artifact_files=stored.files,
             records=len(records),
-            metrics=result.get("final_train", {}),
+            metrics={**result["final_train"], "trained_tokens": result["trained_tokens"]},
         )
 
     def _train(self, job_id: str, cfg, records, ids, work: Path, held: list[str]) -> dict:
@@ -543,10 +543,7 @@ class Runner:
             if progress.steps_seen == 0 and not isinstance(err, FileNotFoundError):
                 raise InProcessUnavailable(f"{type(err).__name__}: {err}") from err
             raise
-        return {
-            "final_eval": result.metrics.get("final_eval", {}),
-            "final_train": result.metrics.get("final_train", {}),
-        }
+        return outcome(result.metrics)
 
     def _watch(self, job_id: str, proc: subprocess.Popen):
         """The trainer's output lines, while enforcing from the outside what a stuck trainer cannot
@@ -669,8 +666,17 @@ class Runner:
             if code < 0:
                 raise RuntimeError(f"training subprocess killed by {signal.Signals(-code).name}")
             raise RuntimeError(f"training subprocess exited with code {code}: " + " | ".join(tail[-5:]))
-        metrics = json.loads((out_dir / "metrics.json").read_text())
-        return {"final_eval": metrics.get("final_eval", {}), "final_train": metrics.get("final_train", {})}
+        return outcome(json.loads((out_dir / "metrics.json").read_text()))
+
+
+def outcome(metrics: dict) -> dict:
+    """What the job record keeps of a run's metrics.json: the final held-out and training
+    metrics, and the tokens trained on (chosen + rejected, every epoch)."""
+    return {
+        "final_eval": metrics.get("final_eval", {}),
+        "final_train": metrics.get("final_train", {}),
+        "trained_tokens": sum(h.get("tokens", 0) for h in metrics.get("history", [])),
+    }
 
 
 class ProgressRecorder:

@@ -68,6 +68,9 @@ class TrainOverrides(BaseModel):
         return {key: getattr(self, name) for name, key in mapping.items() if getattr(self, name) is not None}
 
 
+METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's bounds
+
+
 class TriggerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -78,7 +81,27 @@ class TriggerRequest(BaseModel):
     config: TrainOverrides | None = None
     callbackUrl: str | None = Field(None, max_length=2048, description="signed POST of the final job record")
     since: datetime | None = Field(None, description="source records only: createdAt >= since")
+    suffix: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]{1,40}$", description="your name for the result (1-40 letters, digits, . _ -)"
+    )
+    metadata: dict[str, str] | None = Field(
+        None, description=f"your string key/value pairs, kept with the job (at most {METADATA_KEYS} keys)"
+    )
     limit: int | None = Field(None, ge=1, le=1_000_000, description="source records only: at most this many")
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value):
+        if value is None:
+            return value
+        if len(value) > METADATA_KEYS:
+            raise ValueError(f"at most {METADATA_KEYS} keys, got {len(value)}")
+        for key, item in value.items():
+            if not 1 <= len(key) <= METADATA_KEY_CHARS:
+                raise ValueError(f"key {key[:METADATA_KEY_CHARS]!r}: 1 to {METADATA_KEY_CHARS} characters")
+            if len(item) > METADATA_VALUE_CHARS:
+                raise ValueError(f"value of {key!r}: at most {METADATA_VALUE_CHARS} characters, got {len(item)}")
+        return value
 
     @model_validator(mode="after")
     def _source_options_need_the_source(self):
@@ -134,6 +157,14 @@ class JobView(BaseModel):
     artifact: Artifact | None = None
     error: JobError | None = None
     config: dict[str, Any] = {}
+    model: str | None = Field(None, description="the base model: a preset's model, or the allowed hub id / path")
+    hyperparameters: dict[str, Any] = Field(
+        {}, description="the full effective training config, resolved at the trigger"
+    )
+    trained_tokens: int | None = Field(None, description="chosen + rejected tokens trained on, epochs counted")
+    suffix: str | None = None
+    metadata: dict[str, str] = {}
+    result_files: list[str] = Field([], description="the artifact's files, by URI")
     source: str
     records: int | None = None
     runner: str | None = None
@@ -190,6 +221,7 @@ def job_view(job: Job) -> dict:
     """A store record -> the JobView shape (also the body of `dpo_jobs/{jobId}` in Firestore)."""
     artifact = {"uri": job.artifact_uri, "files": job.artifact_files or []} if job.artifact_uri else None
     error = {"type": job.error_type, "message": job.error_message or ""} if job.error_type else None
+    hyper = job.config.get("hyperparameters") or {}
     return {
         "job_id": job.id,
         "community_id": job.community_id,
@@ -202,7 +234,13 @@ def job_view(job: Job) -> dict:
         "final_eval": job.final_eval,
         "artifact": artifact,
         "error": error,
-        "config": job.config,
+        "config": {k: v for k, v in job.config.items() if k not in ("hyperparameters", "suffix", "metadata")},
+        "model": hyper.get("model", {}).get("name_or_path"),
+        "hyperparameters": hyper,
+        "trained_tokens": (job.metrics or {}).get("trained_tokens"),
+        "suffix": job.config.get("suffix"),
+        "metadata": job.config.get("metadata") or {},
+        "result_files": [f"{job.artifact_uri.rstrip('/')}/{f}" for f in artifact["files"]] if artifact else [],
         "source": job.source,
         "records": job.records,
         "runner": job.runner,

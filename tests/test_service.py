@@ -146,6 +146,40 @@ def test_json_logs_are_one_object_a_line_with_severity_and_the_job(tmp_path, toy
     assert any(r["logger"] == "uvicorn.access" for r in records)  # uvicorn's own lines too
 
 
+def test_a_job_shows_its_model_resolved_hyperparameters_tokens_and_the_callers_suffix_and_metadata(client, toy):
+    """What a user of OpenAI's fine-tuning API expects to read back: everything the job trained
+    with (the preset's values with theirs on top), what it trained on, and their own labels."""
+    payload = {"communityId": "shaped", "dataset": toy(24), "config": {"epochs": 1, "batch_size": 4, "beta": 0.2}}
+    response = client.post("/trigger-finetune", {**payload, "suffix": "support-v2", "metadata": {"team": "ml"}})
+    job = wait_for(client, response.json()["job_id"])
+    assert job["status"] == "succeeded", job["error"]
+    hyper = job["hyperparameters"]
+    assert (hyper["train"]["batch_size"], hyper["train"]["epochs"], hyper["loss"]["beta"]) == (4, 1, 0.2)
+    assert hyper["train"]["learning_rate"] == 5e-4 and hyper["model"]["lora"]["enabled"] is False  # the preset's
+    assert job["model"] == hyper["model"]["name_or_path"] == ".cache/models/tiny-llama"
+    history = json.loads((artifact_path(job) / "metrics.json").read_text())["history"]
+    assert job["trained_tokens"] == sum(h["tokens"] for h in history) > 0
+    assert (job["suffix"], job["metadata"]) == ("support-v2", {"team": "ml"})
+    assert job["result_files"] == [f"{job['artifact']['uri']}/{name}" for name in job["artifact"]["files"]]
+    assert "hyperparameters" not in job["config"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "at most 16 keys, got 17"),
+        ({"metadata": {"k": "v" * 513}}, "value of 'k': at most 512 characters, got 513"),
+        ({"metadata": {"k": 3}}, "valid string"),
+        ({"suffix": "no spaces"}, "should match pattern"),
+    ],
+)
+def test_bad_suffix_or_metadata_is_a_422_naming_it(client, extra, message):
+    response = client.post("/trigger-finetune", {"communityId": "c", **extra})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["field"].split(".")[0] == next(iter(extra)) and message in error["message"]
+
+
 def test_health_keeps_answering_while_a_job_trains(server, client, toy):
     job_id = client.trigger("busy", toy(256), {"epochs": 50}).json()["job_id"]
     wait_for(client, job_id, states=("running",), step_at_least=1)
