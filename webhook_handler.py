@@ -103,6 +103,23 @@ def _job_or_404(store: JobStore, job_id: str) -> Job:
     return job
 
 
+async def check_records(name: str, records: list, settings: Settings) -> None:
+    """Inline records (`dataset` or `validation`) within the limits and all usable, before anything
+    is queued (off the event loop: 10,000 records take a while); else a 422 naming the record."""
+    if len(records) > settings.max_records:
+        raise ServiceError(
+            422,
+            "too_many_records",
+            f"{name}: {len(records)} records, more than the limit of {settings.max_records}",
+            field=name,
+        )
+    try:
+        await asyncio.to_thread(normalise_records, records, max_chars=settings.max_field_chars)
+    except RecordError as err:
+        field = f"{name}[{err.record}].{err.field}" if isinstance(err.record, int) else name
+        raise ServiceError(422, "invalid_record", str(err), field=field) from None
+
+
 def status_url(request: Request, settings: Settings, job_id: str) -> str:
     """Where a client polls the job: DPO_PUBLIC_BASE_URL (the load balancer) when set, since any
     replica answers; else the base URL this request came in on."""
@@ -172,21 +189,12 @@ async def trigger_finetune(
         if state.settings.callback_secret is None and state.settings.webhook_secret is not None:
             raise ServiceError(422, "validation_error", CALLBACK_NEEDS_SECRET, field="callbackUrl")
     settings = state.settings
-    if payload.dataset is not None:
-        if len(payload.dataset) > settings.max_records:
-            raise ServiceError(
-                422,
-                "too_many_records",
-                f"dataset: {len(payload.dataset)} records, more than the limit of {settings.max_records}",
-                field="dataset",
-            )
-        try:  # validate before anything is queued (off the event loop: 10,000 records take a while)
-            await asyncio.to_thread(normalise_records, payload.dataset, max_chars=settings.max_field_chars)
-        except RecordError as err:
-            field = f"dataset[{err.record}].{err.field}" if isinstance(err.record, int) else "dataset"
-            raise ServiceError(422, "invalid_record", str(err), field=field) from None
+    for name, records in (("dataset", payload.dataset), ("validation", payload.validation)):
+        if records is not None:
+            await check_records(name, records, settings)
     overrides = payload.config
     config = {
+        "validation_records": None if payload.validation is None else len(payload.validation),
         "overrides": overrides.model_dump(exclude_none=True) if overrides else {},
         **await asyncio.to_thread(job_training_config, overrides, settings),  # model, loss, values; 422 if bad
         "source_options": {"since": payload.since.isoformat() if payload.since else None, "limit": payload.limit},
@@ -199,6 +207,7 @@ async def trigger_finetune(
             config,
             source="inline" if payload.dataset is not None else state.source.name,
             dataset=payload.dataset,
+            validation=payload.validation,
             callback_url=payload.callbackUrl,
             idempotency_key=idempotency_key,
             body_sha256=hashlib.sha256(body).hexdigest(),

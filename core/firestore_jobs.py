@@ -49,6 +49,7 @@ from core.store import (
     Renewal,
     StoreUnavailable,
     finish_event,
+    stored_data,
 )
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,8 @@ class FirestoreJobStore:
         ref = self.jobs.document(job.id)
         active_ref = self.active.document(_community_doc(new.community_id))
         # a large dataset goes to the bucket first: a job never exists without its data
-        dataset_doc = None if new.dataset is None else self._dataset_document(job.id, new.dataset)
+        data = stored_data(new)
+        dataset_doc = None if data is None else self._dataset_document(job.id, data)
         try:
             for _ in range(5):  # a retry only follows a document removed between our create and our read
                 batch = self.db.batch()
@@ -297,7 +299,7 @@ class FirestoreJobStore:
         return from_document(snapshot.to_dict()) if snapshot.exists else None
 
     @_unavailable
-    def dataset(self, job_id: str) -> list | None:
+    def dataset(self, job_id: str) -> list | dict | None:
         snapshot = self._get(self.datasets.document(job_id))
         if not snapshot.exists:
             return None
@@ -311,7 +313,7 @@ class FirestoreJobStore:
                 return None
         return json.loads(data["json"])
 
-    def _dataset_document(self, job_id: str, dataset: list) -> dict:
+    def _dataset_document(self, job_id: str, dataset: list | dict) -> dict:
         """The dataset document: the records as JSON, or (too large for a document) the name of
         the bucket object they were uploaded to."""
         text = json.dumps(dataset)

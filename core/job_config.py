@@ -77,7 +77,8 @@ def hyperparameters(cfg) -> dict:
     preset's values with the caller's on top, without where the runner puts files."""
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("output_dir", None)
-    values["data"].pop("path", None)
+    for key in ("path", "validation_path"):
+        values["data"].pop(key, None)
     for key in ("checkpoint_dir", "checkpoint_every", "threads"):
         values["train"].pop(key, None)
     return values

@@ -25,6 +25,7 @@ from core.store import (
     QueueFull,
     Renewal,
     finish_event,
+    stored_data,
 )
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class SqliteJobStore:
                     new.community_id,
                     now,
                     new.source,
-                    None if new.dataset is None else json.dumps(new.dataset),
+                    None if stored_data(new) is None else json.dumps(stored_data(new)),
                     None if new.dataset is None else len(new.dataset),
                     json.dumps(new.config),
                     new.callback_url,
@@ -204,7 +205,7 @@ class SqliteJobStore:
         row = self._exec("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_job(row) if row else None
 
-    def dataset(self, job_id: str) -> list | None:
+    def dataset(self, job_id: str) -> list | dict | None:
         row = self._exec("SELECT dataset FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return json.loads(row["dataset"]) if row and row["dataset"] else None
 

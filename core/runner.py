@@ -30,10 +30,10 @@ from core.errors import JOB_FINISHED, JOB_NOT_FOUND, ServiceError
 from core.gpus import RANK_ERROR, GpuPool, gpu_ids, inprocess_device, process_tree, torchrun_failure
 from core.logs import job_context
 from core.schemas import job_view
-from core.store import Finish, Job, JobFinished, StoreUnavailable, replica_id
+from core.store import Finish, Job, JobFinished, StoreUnavailable, replica_id, split_stored
 from storage.base import SourceError, StorageError
 from training.config import REPO_ROOT, compose_config, literal
-from training.records import RecordError, normalise_records
+from training.records import RecordError, normalise_records, write_jsonl
 
 log = logging.getLogger(__name__)
 STARTUP_ALLOWANCE_S = 120  # a trainer subprocess's first line may take this long (imports, model load)
@@ -415,11 +415,16 @@ class Runner:
     def _execute(self, job: Job, work: Path) -> Finish:
         job_id, community = job.id, job.community_id
         self._resume_or_restart(job)
+        # inline records and held-out ones are kept in the store (StoreUnavailable: left to
+        # whoever takes the job next)
+        stored = self.store.dataset(job_id) if job.source == "inline" or job.config.get("validation_records") else None
+        inline, validation = split_stored(stored)
+        if job.config.get("validation_records") and validation is None:
+            raise StorageError("the job's validation records are missing from the job store")
         if job.source == "inline":
-            records = self.store.dataset(job_id)  # StoreUnavailable: left to whoever takes the job next
+            records, ids = inline, None
             if records is None:
                 raise StorageError("the job's inline dataset is missing from the job store")
-            ids = None
         else:
             options = job.config.get("source_options") or {}
             since = datetime.fromisoformat(options["since"]) if options.get("since") else None
@@ -450,7 +455,7 @@ class Runner:
         try:
             if held:
                 self._note(job_id, "gpus", {"gpus": held})
-            result = self._train(job_id, cfg, records, ids, work, held)
+            result = self._train(job_id, cfg, records, ids, validation, work, held)
         finally:
             self.gpus.release(held or [])
 
@@ -475,7 +480,7 @@ class Runner:
             metrics={**result["final_train"], "trained_tokens": result["trained_tokens"]},
         )
 
-    def _train(self, job_id: str, cfg, records, ids, work: Path, held: list[str]) -> dict:
+    def _train(self, job_id: str, cfg, records, ids, validation, work: Path, held: list[str]) -> dict:
         """Train in this process, or in a subprocess: a multi-GPU job, DPO_RUNNER_MODE=subprocess,
         or an in-process trainer that cannot run here."""
         out_dir = work / "output"
@@ -497,7 +502,7 @@ class Runner:
             try:
                 run_training, cancelled_type = load_inprocess_trainer()
                 result = self._train_inprocess(
-                    run_training, cancelled_type, here, records, ids, out_dir, progress, job_id
+                    run_training, cancelled_type, here, records, ids, validation, out_dir, progress, job_id
                 )
             except InProcessUnavailable as err:
                 if self.mode == "inprocess":
@@ -505,7 +510,7 @@ class Runner:
                 log.warning("in-process training unavailable (%s); running job %s in a subprocess", err, job_id)
                 self._note(job_id, "warning", {"message": f"in-process trainer unavailable, using a subprocess: {err}"})
         if result is None:
-            result = self._train_subprocess(cfg, records, work, out_dir, progress, job_id, held)
+            result = self._train_subprocess(cfg, records, validation, work, out_dir, progress, job_id, held)
         return result
 
     def _publish_checkpoint(self, job_id: str, step: int) -> None:
@@ -527,7 +532,9 @@ class Runner:
                 self._heard[job_id] = time.monotonic()
         self._note(job_id, "checkpoint", {"step": step})
 
-    def _train_inprocess(self, run_training, cancelled_type, cfg, records, ids, out_dir, progress, job_id) -> dict:
+    def _train_inprocess(
+        self, run_training, cancelled_type, cfg, records, ids, validation, out_dir, progress, job_id
+    ) -> dict:
         try:
             result = run_training(
                 cfg,
@@ -536,6 +543,7 @@ class Runner:
                 on_progress=progress,
                 should_stop=lambda: self._should_stop(job_id),
                 record_ids=ids,
+                validation_records=validation,
             )
         except cancelled_type:
             raise Stopped() from None
@@ -587,14 +595,14 @@ class Runner:
                     os.killpg(proc.pid, signal.SIGKILL)
                 return
 
-    def _train_subprocess(self, cfg, records, work: Path, out_dir: Path, progress, job_id, held: list[str]) -> dict:
-        data_path = work / "dataset.jsonl"
-        with open(data_path, "w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record) + "\n")
+    def _train_subprocess(
+        self, cfg, records, validation, work: Path, out_dir: Path, progress, job_id, held: list[str]
+    ) -> dict:
         job_cfg = literal(OmegaConf.to_container(cfg, resolve=True))  # resolved once, here: stays literal there
         job_cfg["output_dir"] = str(out_dir)
-        job_cfg["data"]["path"] = str(data_path)
+        job_cfg["data"]["path"] = str(write_jsonl(records, work / "dataset.jsonl"))
+        if validation is not None:
+            job_cfg["data"]["validation_path"] = str(write_jsonl(validation, work / "validation.jsonl"))
         # The subprocess composes exactly this file: no override strings are built from caller data.
         job_cfg["defaults"] = [{"override hydra/job_logging": "stdout"}, "_self_"]
         job_cfg["hydra"] = {"output_subdir": None, "run": {"dir": str(work)}, "job": {"chdir": False}}

@@ -78,6 +78,9 @@ class TriggerRequest(BaseModel):
     dataset: list[Any] | None = Field(
         None, description="inline records in any accepted format; absent: the preference source"
     )
+    validation: list[Any] | None = Field(
+        None, description="held-out records (any accepted format) to evaluate on, instead of a random split"
+    )
     config: TrainOverrides | None = None
     callbackUrl: str | None = Field(None, max_length=2048, description="signed POST of the final job record")
     since: datetime | None = Field(None, description="source records only: createdAt >= since")

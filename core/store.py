@@ -63,12 +63,28 @@ class NewJob:
     config: dict
     source: str
     dataset: list | None = None  # inline records (kept until the job ends)
+    validation: list | None = None  # inline held-out records, used instead of a split of the training ones
     callback_url: str | None = None
     idempotency_key: str | None = None
     body_sha256: str | None = None  # a repeated key must come with the same body
     max_queued: int | None = None  # QueueFull when this many jobs wait
     one_per_community: bool = False
     idempotency_ttl_s: float | None = None  # a key older than this makes a new job
+
+
+def stored_data(new: NewJob) -> list | dict | None:
+    """What a store keeps of a trigger's inline records (as JSON, until the job ends): the
+    records alone, or with held-out records {"records", "validation"}."""
+    if new.validation is None:
+        return new.dataset
+    return {"records": new.dataset, "validation": new.validation}
+
+
+def split_stored(value: list | dict | None) -> tuple[list | None, list | None]:
+    """(records, validation records) from what stored_data kept."""
+    if isinstance(value, dict):
+        return value.get("records"), value.get("validation")
+    return value, None
 
 
 @dataclass
@@ -156,8 +172,8 @@ class JobStore(Protocol):
 
     def get(self, job_id: str) -> Job | None: ...
 
-    def dataset(self, job_id: str) -> list | None:
-        """A queued inline job's records (removed when the job ends)."""
+    def dataset(self, job_id: str) -> list | dict | None:
+        """A queued job's inline records, as stored_data kept them (removed when the job ends)."""
 
     def list(
         self, community_id: str | None = None, status: str | None = None, limit: int = 50, cursor: str | None = None

@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, make_cfg
 from tests.service_helpers import wait_for
 from tools.serve import Server
-from tools.toy_data import write_jsonl
 from tools.trigger import Client
 from training import run_training
+from training.records import write_jsonl
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

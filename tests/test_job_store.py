@@ -17,6 +17,7 @@ from core.store import (
     JobFinished,
     NewJob,
     QueueFull,
+    split_stored,
 )
 
 A, B = "replica-a", "replica-b"
@@ -166,6 +167,17 @@ def test_an_inline_dataset_is_kept_until_the_job_ends(store, size):
     store.claim_next(A, 30, "inprocess")
     store.finish(job.id, A, Finish("succeeded"))
     assert store.dataset(job.id) is None
+
+
+def test_validation_records_are_kept_with_the_inline_records_or_alone(store):
+    records, held_out = (
+        [{"prompt": "p", "chosen": "a", "rejected": "b"}],
+        [{"prompt": "q", "chosen": "c", "rejected": "d"}],
+    )
+    with_both = new(store, "both", dataset=records, validation=held_out)
+    assert split_stored(store.dataset(with_both.id)) == (records, held_out) and store.get(with_both.id).records == 1
+    alone = store.create(NewJob("alone", {"model": "tiny"}, "firestore", validation=held_out))[0]
+    assert split_stored(store.dataset(alone.id)) == (None, held_out) and store.get(alone.id).records is None
 
 
 def test_a_signature_is_accepted_once_unless_repeated_with_its_key(store):

@@ -386,6 +386,14 @@ def test_verify_binds_method_path_query_and_body_exactly():
         ),
         ({"communityId": "c", "dataset": []}, "dataset", "no usable preference records"),
         (
+            {
+                "communityId": "c",
+                "validation": [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}],
+            },
+            "validation[1].rejected",
+            "record 1: field 'rejected': is required",
+        ),
+        (
             {"communityId": "c", "callbackUrl": "http://evil.example/hook"},
             "callbackUrl",
             "not in DPO_CALLBACK_ALLOWED_HOSTS",
@@ -701,13 +709,24 @@ def test_sigterm_checkpoints_the_running_job_and_the_next_start_resumes_it(tmp_p
 
 
 # -- the subprocess path ------------------------------------------------------------------------
-def test_subprocess_mode_trains_end_to_end(tmp_path, toy):
-    with Server(tmp_path, env={"DPO_RUNNER_MODE": "subprocess"}) as srv:
+def swapped(records: list[dict]) -> list[dict]:
+    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in records]
+
+
+@pytest.mark.parametrize("mode", ["inprocess", "subprocess"])
+def test_a_jobs_validation_records_are_its_held_out_set(tmp_path, toy, mode):
+    """Held-out records given with the trigger (here preferring the opposite of the training
+    data) are what the job evaluates on, in either trainer path; subprocess mode trains end to end."""
+    with Server(tmp_path, env={"DPO_RUNNER_MODE": mode}) as srv:
         client = Client(srv.url, srv.secret)
-        job = wait_for(client, client.trigger("sub", toy(64), {"epochs": 2}).json()["job_id"])
-        assert job["status"] == "succeeded", job["error"]
-        assert job["runner"] == "subprocess" and job["progress"]["percent"] == 100.0
-        assert (artifact_path(job) / "model.safetensors").exists()
+        payload = {"communityId": "held", "dataset": toy(64), "validation": swapped(toy(16, seed=4))}
+        job = wait_for(client, client.post("/trigger-finetune", {**payload, "config": {"epochs": 2}}).json()["job_id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["runner"] == mode and job["progress"]["percent"] == 100.0
+    assert (artifact_path(job) / "model.safetensors").exists()
+    assert job["final_eval"]["eval/rewards/accuracies"] <= 0.1, job["final_eval"]
+    saved = json.loads((artifact_path(job) / "metrics.json").read_text())
+    assert saved["dataset"]["validation_pairs"] == 16 and saved["total_steps"] == 2 * 64 // 8
 
 
 def test_falls_back_to_a_subprocess_when_the_in_process_trainer_cannot_import(tmp_path, toy):

@@ -16,7 +16,7 @@ from training.config import REPO_ROOT
 from training.logprobs import model_logps
 from training.loop import PairBatches, micro_batches, split_train_eval
 from training.model import model_path
-from training.records import normalise_records
+from training.records import RecordError, normalise_records
 from training.tokenize import tokenize_pairs
 
 
@@ -132,6 +132,24 @@ def test_merge_needs_lora_and_a_base_that_can_take_it(tmp_path, toy):
         run_training(make_cfg(lora=True, **{"model.merge": True, "model.quantization": "4bit"}), toy(8), tmp_path / "q")
 
 
+def swapped(records: list[dict]) -> list[dict]:
+    """The same pairs with the preference turned around."""
+    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in records]
+
+
+def test_a_validation_set_is_evaluated_instead_of_a_split(tmp_path, toy):
+    """Held-out pairs that prefer the opposite of the training data score near 0: the held-out
+    metrics come from them, and every training pair trains."""
+    result = run_training(make_cfg(), toy(96), tmp_path / "out", validation_records=swapped(toy(24, seed=3)))
+    assert result.metrics["dataset"]["validation_pairs"] == 24
+    assert result.metrics["final_eval"]["eval/rewards/accuracies"] <= 0.1, result.metrics["final_eval"]
+    assert result.metrics["total_steps"] == 2 * 96 // 8  # no pair went to a split
+    with pytest.raises(RecordError, match=r"record validation\[1\]: field 'rejected'"):
+        run_training(
+            make_cfg(), toy(8), tmp_path / "bad", validation_records=[toy(1)[0], {"prompt": "p", "chosen": "a"}]
+        )
+
+
 def test_live_reference_copy_matches_precompute(tmp_path, toy):
     records = toy(24)
     a = run_training(make_cfg(**{"train.reference": "precompute", "train.epochs": 1}), records, tmp_path / "a")
@@ -235,7 +253,8 @@ def test_bad_record_fails_before_loading_a_model(tmp_path):
 
 @pytest.mark.slow
 def test_cli_toy_train_prints_accuracy_and_artifact(tmp_path):
-    from tools.toy_data import toy_records, write_jsonl
+    from tools.toy_data import toy_records
+    from training.records import write_jsonl
 
     data = write_jsonl(toy_records(256, "pairs"), tmp_path / "pairs.jsonl")
     out = subprocess.run(

@@ -10,10 +10,13 @@ rule rather than memorised records.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.records import write_jsonl  # noqa: E402
 
 TOPICS = [
     "python code",
@@ -107,15 +110,6 @@ def toy_records(n: int = 256, fmt: str = "pairs", seed: int = 0) -> list[dict]:
                 }
             )
     return out
-
-
-def write_jsonl(records: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

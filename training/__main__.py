@@ -59,7 +59,16 @@ def main(cfg: DictConfig) -> None:
         threading.Thread(target=_heartbeat, args=(beat,), daemon=True, name="heartbeat").start()
     try:
         records = load_records_file(str(resolve_path(cfg.data.path)))
-        result = run_training(cfg, records, on_progress=lambda event: _emit("progress", event), should_stop=stop.is_set)
+        validation = None
+        if cfg.data.validation_path:
+            validation = load_records_file(str(resolve_path(cfg.data.validation_path)))
+        result = run_training(
+            cfg,
+            records,
+            on_progress=lambda event: _emit("progress", event),
+            should_stop=stop.is_set,
+            validation_records=validation,
+        )
     except RecordError as err:
         _emit("error", {"type": "invalid_data", "message": str(err)})
         sys.exit(2)

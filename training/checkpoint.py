@@ -45,7 +45,8 @@ def run_fingerprint(cfg, examples, layout: dict) -> str:
     (a deploy that changed a preset, other data) would mix two runs."""
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("output_dir", None)
-    values["data"].pop("path", None)  # the CLI's file, or none in the service: the data's shape is below
+    for key in ("path", "validation_path"):  # the CLI's files, or none in the service: the data's shape is below
+        values["data"].pop(key, None)
     for key in ("checkpoint_dir", "checkpoint_every", "threads", "device"):  # a resume may be on another GPU
         values["train"].pop(key, None)
     shape = [len(examples), sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)]

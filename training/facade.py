@@ -40,9 +40,11 @@ def run_training(
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     record_ids: Sequence[str] | None = None,
+    validation_records: Sequence[Any] | None = None,
 ) -> TrainingResult:
     """Train on `records` with the composed config `cfg`; write the artifact to output_dir.
 
+    `validation_records` (any format): the held-out set, instead of a split of `records`.
     Raises RecordError for bad data (before any model is loaded), TrainingCancelled when
     should_stop() turns true (nothing is written), ValueError/KeyError for a bad config.
     """
@@ -58,6 +60,10 @@ def run_training(
     pairs, skipped = normalise_records(records, ids=record_ids, skip_invalid=data.skip_invalid)
     for err in skipped:
         log.warning("skipped invalid record: %s", err)
+    held_out = None
+    if validation_records is not None:  # named "validation[i]" in errors, apart from the training records
+        ids = [f"validation[{i}]" for i in range(len(validation_records))]
+        held_out, _ = normalise_records(validation_records, ids=ids)
 
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -71,14 +77,24 @@ def run_training(
     policy, path, source_dtype = load_policy(cfg.model, cfg.train.precision, torch.device("cpu") if sharded else device)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     examples = tokenize_pairs(tokenizer, pairs, data.max_length, data.max_prompt_length, data.truncation_mode)
-    state = train_policy(policy, examples, tokenizer.pad_token_id, cfg, on_progress, should_stop)
+    eval_examples = None
+    if held_out is not None:
+        eval_examples = tokenize_pairs(
+            tokenizer, held_out, data.max_length, data.max_prompt_length, data.truncation_mode
+        )
+    state = train_policy(policy, examples, tokenizer.pad_token_id, cfg, on_progress, should_stop, eval_examples)
 
     out = Path(cfg.output_dir)
     weights = distributed.full_state_dict(policy, ranks)  # sharded: gathered on rank 0 (every rank takes part)
     if not ranks.main:  # rank 0 writes the artifact
         return TrainingResult(out, {}, [])
     extra = {
-        "dataset": {"records": len(records), "pairs": len(pairs), "skipped_records": len(skipped)},
+        "dataset": {
+            "records": len(records),
+            "pairs": len(pairs),
+            "skipped_records": len(skipped),
+            "validation_pairs": None if held_out is None else len(held_out),
+        },
         "model": {
             "name_or_path": path,
             "lora": bool(cfg.model.lora.enabled),

@@ -289,8 +289,11 @@ def train_policy(
     cfg,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    eval_examples: list[TokenizedPair] | None = None,
 ) -> TrainState:
     """Train `policy` in place on `examples` with DPO-family losses. cfg is the composed config.
+    Held-out metrics come from `eval_examples` when given (all of `examples` then train), else
+    from a split of `examples` (data.eval_fraction).
 
     With train.checkpoint_dir set, a checkpoint is written every train.checkpoint_every steps and
     when should_stop() stops the run; a run started on a directory holding one resumes from it.
@@ -299,7 +302,13 @@ def train_policy(
     ranks = distributed.current()  # one process, or this one's place among torchrun's
     chunk = tcfg.logprob_chunk_size
     torch.manual_seed(tcfg.seed)
-    train_idx, eval_idx = split_train_eval(len(examples), cfg.data.eval_fraction, cfg.data.max_eval_examples, tcfg.seed)
+    if eval_examples is None:
+        train_idx, eval_idx = split_train_eval(
+            len(examples), cfg.data.eval_fraction, cfg.data.max_eval_examples, tcfg.seed
+        )
+    else:  # one list, so the reference pass and the batches serve both
+        train_idx, eval_idx = list(range(len(examples))), list(range(len(examples), len(examples) + len(eval_examples)))
+        examples = [*examples, *eval_examples]
     emit = on_progress if on_progress is not None and ranks.main else (lambda event: None)
 
     if tcfg.gradient_checkpointing:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -342,6 +343,16 @@ def read_jsonl(lines: Iterable[str]) -> list[Any]:
         except json.JSONDecodeError as err:
             raise RecordError(f"line {number}", "<json>", f"not valid JSON: {err.msg}") from None
     return out
+
+
+def write_jsonl(records: Sequence[Any], path: str | Path) -> Path:
+    """Records as JSON Lines (a file load_records_file reads back)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record) + "\n")
+    return path
 
 
 RECORD_FILES = (".jsonl", ".json", ".parquet")
