@@ -53,11 +53,16 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+CONVERSATIONAL_HINT = "in TRL's conversational format 'chosen' and 'rejected' are message lists too"
+
+
 def _text(record: dict, key: str, rid: int | str, field: str | None = None) -> str:
     value = record.get(key)
     field = field or key
     if key not in record:
         raise RecordError(rid, field, "is required")
+    if isinstance(value, list):
+        raise RecordError(rid, field, f"expected a string, got list ({CONVERSATIONAL_HINT})")
     if not isinstance(value, str):
         raise RecordError(rid, field, f"expected a string, got {_type_name(value)}")
     if not value.strip():
@@ -72,7 +77,7 @@ def detect_format(record: Any, rid: int | str = 0) -> str:
         return "chat"
     if "responses" in record:
         return "ranked"
-    if any(isinstance(record.get(key), list) for key in ("prompt", "chosen", "rejected")):
+    if isinstance(record.get("chosen"), list):  # TRL's conversational records: messages, always in 'chosen'
         return "conversational"
     if "chosen" in record or "rejected" in record:
         return "pairs"
