@@ -453,6 +453,19 @@ async def docs(request: Request) -> HTMLResponse:
 _app: FastAPI | None = None
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`dpo-service [--host H] [--port P]`: the service under uvicorn (settings from DPO_* variables)."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="dpo-service", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    uvicorn.run("webhook_handler:app", host=args.host, port=args.port)
+
+
 def __getattr__(name: str):
     """`webhook_handler.app` is built from the environment on first access (what uvicorn does),
     so importing this module (tests, tools) has no side effects."""
