@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from core.schemas import job_view
+from core.schemas import config_of_view, job_view
 from core.store import (
     ACTIVE,
     CANCELLED_QUEUED,
@@ -80,7 +80,7 @@ def from_document(doc: dict) -> Job:
         status=doc["status"],
         created_at=doc["created_at"],
         source=doc["source"],
-        config=doc.get("config") or {},
+        config=config_of_view(doc),
         started_at=doc.get("started_at"),
         finished_at=doc.get("finished_at"),
         records=doc.get("records"),

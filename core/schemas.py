@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -69,6 +70,7 @@ class TrainOverrides(BaseModel):
 
 
 METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's bounds
+METADATA_KEY = rf"[A-Za-z0-9_.-]{{1,{METADATA_KEY_CHARS}}}"  # also a valid Firestore field name
 
 
 class TriggerRequest(BaseModel):
@@ -100,10 +102,16 @@ class TriggerRequest(BaseModel):
         if len(value) > METADATA_KEYS:
             raise ValueError(f"at most {METADATA_KEYS} keys, got {len(value)}")
         for key, item in value.items():
-            if not 1 <= len(key) <= METADATA_KEY_CHARS:
-                raise ValueError(f"key {key[:METADATA_KEY_CHARS]!r}: 1 to {METADATA_KEY_CHARS} characters")
+            if not re.fullmatch(METADATA_KEY, key) or (key.startswith("__") and key.endswith("__")):
+                raise ValueError(
+                    f"key {key[:METADATA_KEY_CHARS]!r}: 1 to {METADATA_KEY_CHARS} of A-Z a-z 0-9 _ . - (not __name__)"
+                )
             if len(item) > METADATA_VALUE_CHARS:
                 raise ValueError(f"value of {key!r}: at most {METADATA_VALUE_CHARS} characters, got {len(item)}")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"value of {key!r}: not valid Unicode text (a lone surrogate)") from None
         return value
 
     @model_validator(mode="after")
@@ -220,6 +228,14 @@ class Readiness(BaseModel):
     checks: dict[str, str]
 
 
+VIEW_FIELDS = ("hyperparameters", "suffix", "metadata")  # kept in a job's config, shown at the view's top level
+
+
+def config_of_view(view: dict) -> dict:
+    """A job's config back from its view (job_view moved VIEW_FIELDS to the top level)."""
+    return {**(view.get("config") or {}), **{key: view.get(key) for key in VIEW_FIELDS if key in view}}
+
+
 def job_view(job: Job) -> dict:
     """A store record -> the JobView shape (also the body of `dpo_jobs/{jobId}` in Firestore)."""
     artifact = {"uri": job.artifact_uri, "files": job.artifact_files or []} if job.artifact_uri else None
@@ -237,7 +253,7 @@ def job_view(job: Job) -> dict:
         "final_eval": job.final_eval,
         "artifact": artifact,
         "error": error,
-        "config": {k: v for k, v in job.config.items() if k not in ("hyperparameters", "suffix", "metadata")},
+        "config": {k: v for k, v in job.config.items() if k not in VIEW_FIELDS},
         "model": hyper.get("model", {}).get("name_or_path"),
         "hyperparameters": hyper,
         "trained_tokens": (job.metrics or {}).get("trained_tokens"),

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from core.schemas import job_view
 from core.store import (
     ActiveJobConflict,
     BadCursor,
@@ -167,6 +168,20 @@ def test_an_inline_dataset_is_kept_until_the_job_ends(store, size):
     store.claim_next(A, 30, "inprocess")
     store.finish(job.id, A, Finish("succeeded"))
     assert store.dataset(job.id) is None
+
+
+def test_a_jobs_view_reads_back_whole_from_the_store(store):
+    """job_view lifts some config fields to its top level (the Firestore document is the view):
+    they come back into the job's config."""
+    config = {"model": "tiny", "hyperparameters": {"train": {"batch_size": 4}}, "suffix": "v2", "metadata": {"a": "b"}}
+    job = store.create(NewJob("viewed", config, "inline", dataset=[{"prompt": "p", "chosen": "a", "rejected": "b"}]))[0]
+    view = job_view(store.get(job.id))
+    assert (view["hyperparameters"], view["suffix"], view["metadata"]) == (
+        {"train": {"batch_size": 4}},
+        "v2",
+        {"a": "b"},
+    )
+    assert view["config"] == {"model": "tiny"}
 
 
 def test_validation_records_are_kept_with_the_inline_records_or_alone(store):

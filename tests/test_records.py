@@ -66,6 +66,13 @@ def test_trl_implicit_prompt_is_the_conversation_chosen_and_rejected_share():
     assert (pair.chosen, pair.rejected) == ("12", "6")
 
 
+def test_a_text_prompt_beside_full_conversations_is_taken_from_them():
+    """UltraFeedback's shape: the prompt as text, chosen and rejected as whole conversations."""
+    record = {"prompt": "2+2?", "chosen": [user("2+2?"), assistant("4")], "rejected": [user("2+2?"), assistant("5")]}
+    (pair,) = normalise_record(record)
+    assert pair.messages == (("user", "2+2?"),) and (pair.chosen, pair.rejected) == ("4", "5")
+
+
 def test_content_given_as_text_parts_is_joined():
     record = {
         "prompt": [
@@ -82,9 +89,14 @@ def test_content_given_as_text_parts_is_joined():
     "record, field, message",
     [
         (
+            {"prompt": [user("Hi")], "chosen": [assistant("a")], "rejected": "b"},
+            "rejected",
+            "expected a non-empty list of messages, as the record's other fields are, got str",
+        ),
+        (  # a text prompt: the conversations must carry it
             {"prompt": "Hi", "chosen": [assistant("a")], "rejected": [assistant("b")]},
             "prompt",
-            "expected a non-empty list of messages, as the record's other fields are, got str",
+            "is required: 'chosen' and 'rejected' share no first messages to take as the prompt",
         ),
         (
             {"chosen": [user("x"), assistant("a")], "rejected": [user("y"), assistant("b")]},
@@ -136,6 +148,25 @@ def test_content_given_as_text_parts_is_joined():
                 "non_preferred_output": [assistant("b")],
             },
             "input.tools",
+            "tool definitions and tool calls are not supported",
+        ),
+        (
+            {
+                "input": {"messages": [user("Hi")]},
+                "tools": [{"type": "function"}],
+                "preferred_output": [assistant("a")],
+                "non_preferred_output": [assistant("b")],
+            },
+            "tools",
+            "tool definitions and tool calls are not supported",
+        ),
+        (
+            {
+                "prompt": [user("Hi")],
+                "chosen": [{"role": "assistant", "content": "", "function_call": {"name": "f"}}],
+                "rejected": [assistant("b")],
+            },
+            "chosen[0].function_call",
             "tool definitions and tool calls are not supported",
         ),
     ],
@@ -245,12 +276,17 @@ def test_strings_longer_than_the_limit_are_named():
 def test_a_parquet_file_written_by_huggingface_datasets_loads_in_any_format(tmp_path):
     """Users keep preference data as Parquet (the Hub's format); nested message lists survive,
     and a column only some rows use does not turn into a null field of the others."""
+    import datetime as dt
+
     from datasets import Dataset
 
     records = [
         {"prompt": "Q?", "chosen": "good", "rejected": "bad"},
         {"prompt": [user("Hi")], "chosen": [assistant("Hello!")], "rejected": [assistant("Go away.")]},
     ]
+    created = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)  # a timestamp column: ISO text, as JSON holds it
+    Dataset.from_list([{**records[0], "createdAt": created}]).to_parquet(str(tmp_path / "dated.parquet"))
+    assert load_records_file(str(tmp_path / "dated.parquet")) == [{**records[0], "createdAt": created.isoformat()}]
     Dataset.from_list(records[:1]).to_parquet(str(tmp_path / "plain.parquet"))
     Dataset.from_list(records[1:]).to_parquet(str(tmp_path / "chat.parquet"))
     plain = load_records_file(str(tmp_path / "plain.parquet"))

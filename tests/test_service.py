@@ -171,6 +171,9 @@ def test_a_job_shows_its_model_resolved_hyperparameters_tokens_and_the_callers_s
         ({"metadata": {"k": "v" * 513}}, "value of 'k': at most 512 characters, got 513"),
         ({"metadata": {"k": 3}}, "valid string"),
         ({"suffix": "no spaces"}, "should match pattern"),
+        ({"metadata": {"a key": "v"}}, "key 'a key': 1 to 64 of A-Z a-z 0-9 _ . - (not __name__)"),
+        ({"metadata": {"__name__": "v"}}, "(not __name__)"),
+        ({"metadata": {"k": "\ud800"}}, "value of 'k': not valid Unicode text (a lone surrogate)"),
     ],
 )
 def test_bad_suffix_or_metadata_is_a_422_naming_it(client, extra, message):

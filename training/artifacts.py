@@ -160,6 +160,7 @@ def save_model_card(path: Path, cfg, metrics: dict) -> None:
         if lora
         else 'AutoModelForCausalLM.from_pretrained("<this folder>")'
     )
+    merged_note = "\n`merged/`: the adapter merged into the base, a plain model." if cfg.model.merge else ""
     body = f"""# {Path(str(model["name_or_path"])).name}, fine-tuned with {cfg.loss.name.upper()}
 
 Preference fine-tuning ({"a LoRA adapter" if lora else "full weights"}, saved as {model["saved_dtype"]}) of
@@ -176,8 +177,8 @@ Preference fine-tuning ({"a LoRA adapter" if lora else "full weights"}, saved as
 
 {held_out}
 
-Curves: `training_curves.png`; every step and evaluation: `metrics.json`; the full config:
-`training_config.yaml`.
+Curves: {"`training_curves.png` and " if cfg.train.plot else ""}`tensorboard/`; every step and evaluation:
+`metrics.json`; the full config: `training_config.yaml`.{merged_note}
 
 ## Use
 

@@ -45,6 +45,7 @@ def run_fingerprint(cfg, examples, layout: dict) -> str:
     (a deploy that changed a preset, other data) would mix two runs."""
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("output_dir", None)
+    values["model"].pop("merge", None)  # what is saved at the end, not how training runs
     for key in ("path", "validation_path"):  # the CLI's files, or none in the service: the data's shape is below
         values["data"].pop(key, None)
     for key in ("checkpoint_dir", "checkpoint_every", "threads", "device"):  # a resume may be on another GPU

@@ -147,8 +147,9 @@ def _message(msg: Any, rid: int | str, field: str) -> tuple[str, str]:
     role = msg.get("role")
     if role not in CHAT_ROLES:
         raise RecordError(rid, f"{field}.role", f"expected one of {list(CHAT_ROLES)}, got {role!r}")
-    if msg.get("tool_calls"):
-        raise RecordError(rid, f"{field}.tool_calls", TOOLS_REFUSED)
+    for key in ("tool_calls", "function_call"):
+        if msg.get(key):
+            raise RecordError(rid, f"{field}.{key}", TOOLS_REFUSED)
     return role, _content(msg.get("content"), rid, f"{field}.content")
 
 
@@ -188,6 +189,7 @@ def _chat_record(record: dict, rid: int | str) -> list[PreferencePair]:
     if not isinstance(inp, dict):
         raise RecordError(rid, "input", f"expected an object with 'messages', got {_type_name(inp)}")
     _refuse_tools(inp, rid, "input.tools")
+    _refuse_tools(record, rid)
     messages = inp.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RecordError(rid, "input.messages", "expected a non-empty list of messages")
@@ -235,7 +237,10 @@ def _conversational_record(record: dict, rid: int | str) -> list[PreferencePair]
     messages chosen and rejected share)."""
     _refuse_tools(record, rid)
     chosen, rejected = _messages(record, "chosen", rid), _messages(record, "rejected", rid)
-    if "prompt" in record:
+    # a prompt given as text beside full conversations (UltraFeedback's shape) is what they
+    # share anyway: the prompt is taken from them, as TRL does
+    explicit = "prompt" in record and not isinstance(record["prompt"], str)
+    if explicit:
         prompt, offset = _messages(record, "prompt", rid), 0
     else:
         offset = 0
@@ -247,7 +252,7 @@ def _conversational_record(record: dict, rid: int | str) -> list[PreferencePair]
             )
         prompt = chosen[:offset]
     if prompt[-1][0] == "assistant":
-        field = f"prompt[{len(prompt) - 1}].role" if "prompt" in record else f"chosen[{offset - 1}].role"
+        field = f"prompt[{len(prompt) - 1}].role" if explicit else f"chosen[{offset - 1}].role"
         raise RecordError(rid, field, "the prompt must not end with the assistant")
     good = _answer(chosen[offset:], rid, "chosen", offset)
     bad = _answer(rejected[offset:], rid, "rejected", offset)
@@ -363,6 +368,10 @@ def write_jsonl(records: Sequence[Any], path: str | Path) -> Path:
 RECORD_FILES = (".jsonl", ".json", ".parquet")
 
 
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
 def load_records_file(path: str) -> list[Any]:
     """Records from a .jsonl file (one per line), a .json file (a list) or a .parquet file (a
     row each, as HuggingFace datasets write them; nested columns hold the message lists)."""
@@ -373,7 +382,9 @@ def load_records_file(path: str) -> list[Any]:
             rows = pq.read_table(path).to_pylist()
         except Exception as err:  # pyarrow's errors have no common base
             raise RecordError("-", "<file>", f"{path}: not a readable Parquet file: {err}") from None
-        # a column only some rows use is null in the others: such a row has no such field
+        # a column only some rows use is null in the others: such a row has no such field; values
+        # JSON cannot hold (a timestamp column such as createdAt) become their ISO or text form
+        rows = json.loads(json.dumps(rows, default=_json_value))
         return [{key: value for key, value in row.items() if value is not None} for row in rows]
     with open(path, encoding="utf-8") as fh:
         if path.endswith(".jsonl"):
