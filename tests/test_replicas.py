@@ -73,8 +73,9 @@ def blobs_left(env, prefix: str, timeout_s: float = 10) -> list[str]:
 def test_200_concurrent_triggers_over_two_replicas_make_exactly_the_jobs_expected(firebase_env, replicas, toy):
     a, b = replicas
     clients = [Client(a.url, a.secret, timeout=60), Client(b.url, b.secret, timeout=60)]
-    # one long job per replica holds its worker, so the burst stays queued
-    blockers = [clients[i].trigger(f"blocker-{i}", toy(64), {"epochs": 100}).json()["job_id"] for i in range(2)]
+    # one long job per replica holds its worker, so the burst stays queued; ~2,900 steps each, so
+    # they outlast the test on a slow machine too (64 pairs finished before the cancel once)
+    blockers = [clients[i].trigger(f"blocker-{i}", toy(256), {"epochs": 100}).json()["job_id"] for i in range(2)]
 
     def fire(i: int):
         server = replicas[i % 2]  # spread over both, as a load balancer would
