@@ -26,7 +26,8 @@ from swagger_ui_bundle import swagger_ui_path
 from core import SERVICE_NAME, __version__
 from core.auth import HEADER
 from core.callbacks import check_callback_url
-from core.errors import CALLBACK_NEEDS_SECRET, IDEMPOTENCY_CONFLICT, JOB_NOT_FOUND, MISSING_SIGNATURE, ServiceError
+from core.dashboard import add_dashboard
+from core.errors import CALLBACK_NEEDS_SECRET, IDEMPOTENCY_CONFLICT, MISSING_SIGNATURE, ServiceError
 from core.gate import VERIFIED, Gate
 from core.job_config import job_training_config
 from core.logs import configure_logging
@@ -46,14 +47,15 @@ from core.schemas import (
     SyncResponse,
     TriggerRequest,
     errors,
+    events_page,
+    job_or_404,
     job_view,
+    jobs_page,
 )
 from core.settings import Settings, get_settings
 from core.store import (
     ActiveJobConflict,
-    BadCursor,
     IdempotencyConflict,
-    Job,
     JobStore,
     NewJob,
     QueueFull,
@@ -94,13 +96,6 @@ async def require_signature(request: Request, _header: Annotated[str | None, Sec
 
 Signed = Annotated[bytes, Depends(require_signature)]
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="32 hex characters")]
-
-
-def _job_or_404(store: JobStore, job_id: str) -> Job:
-    job = store.get(job_id)
-    if job is None:
-        raise ServiceError(404, "not_found", JOB_NOT_FOUND)
-    return job
 
 
 async def check_records(name: str, records: list, settings: Settings) -> None:
@@ -253,7 +248,7 @@ async def trigger_finetune(
 
 @router.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"], name="get_job", responses=errors(401, 404, 422))
 def get_job(request: Request, job_id: JobId, _: Signed):
-    return job_view(_job_or_404(_state(request).store, job_id))
+    return job_view(job_or_404(_state(request).store, job_id))
 
 
 @router.get("/jobs", response_model=JobList, tags=["jobs"], responses=errors(401, 422))
@@ -267,19 +262,13 @@ def list_jobs(
         str | None, Query(pattern=r"^[0-9a-f]{1,32}$", description="next_cursor of the previous page")
     ] = None,
 ):
-    try:
-        jobs, next_cursor = _state(request).store.list(communityId, status, limit, cursor)
-    except BadCursor:
-        raise ServiceError(
-            422, "validation_error", "cursor: not a cursor this service handed out", field="cursor"
-        ) from None
-    return {"jobs": [job_view(j) for j in jobs], "next_cursor": next_cursor}
+    return jobs_page(_state(request).store, communityId, status, limit, cursor)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], responses=errors(401, 404, 409, 422))
 def cancel_job(request: Request, job_id: JobId, _: Signed):
     state = _state(request)
-    _job_or_404(state.store, job_id)
+    job_or_404(state.store, job_id)
     return job_view(state.runner.cancel(job_id))
 
 
@@ -291,10 +280,7 @@ def job_events(
     after: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ):
-    store = _state(request).store
-    _job_or_404(store, job_id)
-    events = store.events(job_id, after, limit)
-    return {"events": events, "last_seq": events[-1]["seq"] if events else after}
+    return events_page(_state(request).store, job_id, after, limit)
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -433,6 +419,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return response
 
     app.include_router(router)
+    if settings.dashboard_token is not None:
+        add_dashboard(app)
     return app
 
 

@@ -23,8 +23,9 @@ from core.auth import HEADER, Macs, parse_header
 from core.errors import ServiceError
 from core.store import StoreUnavailable
 
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
-PUBLIC_PREFIX = "/docs/assets/"  # Swagger UI's own files, served by the service
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/ui"})
+# Swagger UI's own files, served by the service; the dashboard, which checks its own session
+PUBLIC_PREFIXES = ("/docs/assets/", "/ui/")
 ACCEPTED_ONCE = frozenset({"/trigger-finetune"})
 VERIFIED = "dpo.verified"  # scope key the gate sets on a request whose signature it checked
 _GONE = object()  # the client disconnected while sending its body
@@ -62,7 +63,7 @@ class Gate:
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             raise self._too_large()
-        if scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIX):
+        if scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIXES):
             return None
         given, macs = None, None
         if self.secrets is not None:

@@ -720,7 +720,10 @@ class ProgressRecorder:
                 self.on_checkpoint(self.job_id, step)
             return
         if event["kind"] != "step":  # eval, resumed, layout, warning: one event each, as sent
-            data = event["metrics"] if event["kind"] == "eval" else {k: v for k, v in event.items() if k != "kind"}
+            if event["kind"] == "eval":  # the held-out metrics at a step (the dashboard draws them)
+                data = {"step": step, **event["metrics"]}
+            else:
+                data = {k: v for k, v in event.items() if k != "kind"}
             self._write(self.store.add_event, self.job_id, event["kind"], data)
             return
         self.steps_seen += 1

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API."""
+"""Request and response bodies of the HTTP API, and the job views both the API and the dashboard answer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.store import FINAL, Job
+from core.errors import JOB_NOT_FOUND, ServiceError
+from core.store import FINAL, BadCursor, Job
 from training.config import available
 
 COMMUNITY_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
@@ -264,3 +265,28 @@ def job_view(job: Job) -> dict:
         "records": job.records,
         "runner": job.runner,
     }
+
+
+def job_or_404(store, job_id: str) -> Job:
+    job = store.get(job_id)
+    if job is None:
+        raise ServiceError(404, "not_found", JOB_NOT_FOUND)
+    return job
+
+
+def jobs_page(store, community_id: str | None, status: str | None, limit: int, cursor: str | None) -> dict:
+    """One page of the JobList (newest first); 422 for a cursor this service did not hand out."""
+    try:
+        jobs, next_cursor = store.list(community_id, status, limit, cursor)
+    except BadCursor:
+        raise ServiceError(
+            422, "validation_error", "cursor: not a cursor this service handed out", field="cursor"
+        ) from None
+    return {"jobs": [job_view(j) for j in jobs], "next_cursor": next_cursor}
+
+
+def events_page(store, job_id: str, after: int, limit: int) -> dict:
+    """A job's events after seq `after` (404 for an unknown job), and the seq to ask after next."""
+    job_or_404(store, job_id)
+    events = store.events(job_id, after, limit)
+    return {"events": events, "last_seq": events[-1]["seq"] if events else after}

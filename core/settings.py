@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     allow_unsigned: bool = False  # only for local experiments; logs a loud warning
     signature_tolerance_s: int = 300  # reject timestamps further than this from the server clock
 
+    # The jobs dashboard at /ui: off unless a token is set; operators log in with it (core/dashboard.py)
+    dashboard_token: SecretStr | None = None
+    dashboard_session_s: float = Field(8 * 3600, gt=0)  # a dashboard login lasts this long
+
     # Jobs
     job_store: Literal["sqlite", "firestore"] = "sqlite"  # firestore: several replicas share one queue
     job_lease_s: float = Field(30, ge=2)  # a worker renews its job's lease; expired: another worker takes the job
@@ -88,6 +92,13 @@ class Settings(BaseSettings):
         """Resolved against the working directory the server starts in, once: a training
         subprocess (started elsewhere) and a later chdir see the same places."""
         return None if value is None else value.expanduser().resolve()
+
+    @field_validator("dashboard_token")
+    @classmethod
+    def _long_token(cls, value):
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("expected at least 16 characters (e.g. `openssl rand -hex 24`): it guards a login")
+        return value
 
     @field_validator("public_base_url")
     @classmethod

@@ -1,0 +1,219 @@
+"""The jobs dashboard at /ui, against a real uvicorn server training the tiny model: its access
+rules over HTTP, then the page itself in headless Chromium (Debian's `chromium` and
+`chromium-driver`, driven by Selenium): log in, watch a running job's progress move, open a finished
+job's curves, cancel a job. Screenshots go to the test's tmp_path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import httpx
+import pytest
+
+from core import errors
+from core.dashboard import COOKIE, csrf_token, new_session, session_nonce
+from tests.service_helpers import wait_for
+from tools.serve import Server
+from tools.trigger import Client
+
+pytestmark = pytest.mark.slow
+TOKEN = "dashboard-token-for-tests-0123456789"
+NO_JOB = "0" * 32
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with Server(tmp_path_factory.mktemp("dashboard"), env={"DPO_DASHBOARD_TOKEN": TOKEN}) as srv:
+        yield srv
+
+
+def logged_in(server: Server) -> httpx.Client:
+    browser = httpx.Client(base_url=server.url)
+    response = browser.post("/ui/login", data={"token": TOKEN})
+    assert response.status_code == 303 and response.headers["location"] == "/ui"
+    return browser
+
+
+def test_a_session_cookie_is_signed_by_the_token_and_expires():
+    cookie = new_session(TOKEN, 60, now=1000)
+    nonce = session_nonce(TOKEN, cookie, now=1000)
+    assert nonce is not None
+    assert session_nonce(TOKEN, cookie, now=1061) is None  # expired
+    assert session_nonce("another-token-0123456789", cookie, now=1000) is None  # the token changed
+    expires, nonce_, mac = cookie.split(".")
+    assert session_nonce(TOKEN, f"{int(expires) + 3600}.{nonce_}.{mac}", now=1000) is None  # lifetime edited
+    assert session_nonce(TOKEN, "garbage", now=1000) is None
+    assert csrf_token(TOKEN, nonce) != csrf_token(TOKEN, "other") and len(csrf_token(TOKEN, nonce)) == 64
+
+
+def test_the_dashboard_is_off_without_a_token(tmp_path):
+    with Server(tmp_path) as plain:
+        for path in ("/ui", "/ui/api/jobs", "/ui/static/dashboard.js"):
+            assert httpx.get(plain.url + path).status_code == 404, path
+        assert httpx.post(plain.url + "/ui/login", data={"token": TOKEN}).status_code == 404
+
+
+def test_a_short_dashboard_token_is_refused():
+    from core.settings import Settings
+
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        Settings(webhook_secret="s", dashboard_token="short")
+
+
+def test_login_sets_an_httponly_strict_session_cookie_and_a_wrong_token_does_not(server):
+    anonymous = httpx.Client(base_url=server.url)
+    page = anonymous.get("/ui")
+    assert page.status_code == 200 and 'action="/ui/login"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    wrong = anonymous.post("/ui/login", data={"token": TOKEN[:-1] + "x"})
+    assert wrong.status_code == 303 and wrong.headers["location"] == "/ui?login=failed"
+    assert COOKIE not in wrong.cookies and "Wrong token." in anonymous.get("/ui?login=failed").text
+
+    right = anonymous.post("/ui/login", data={"token": TOKEN})
+    cookie = right.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+    assert "secure" not in cookie  # plain http on loopback; Secure over https (DPO_PUBLIC_BASE_URL)
+    page = anonymous.get("/ui")
+    assert 'name="csrf-token"' in page.text and server.secret not in page.text  # no webhook secret
+
+
+def test_the_dashboard_api_needs_a_session_and_changes_need_the_csrf_token(server, toy):
+    anonymous = httpx.Client(base_url=server.url)
+    answer = anonymous.get("/ui/api/jobs")
+    assert answer.status_code == 401 and answer.json()["error"]["message"] == errors.LOGIN_REQUIRED
+    forged = anonymous.get("/ui/api/jobs", cookies={COOKIE: new_session("a-guessed-token-0123456", 60)})
+    assert forged.status_code == 401
+
+    browser = logged_in(server)
+    job_id = Client(server.url, server.secret).trigger("dash-csrf", toy(256), {"epochs": 20}).json()["job_id"]
+    assert browser.get("/ui/api/jobs", params={"community": "dash-csrf"}).json()["jobs"][0]["job_id"] == job_id
+    assert browser.get(f"/ui/api/jobs/{NO_JOB}").status_code == 404
+    assert browser.get("/ui/api/jobs", params={"status": "nope"}).status_code == 422
+
+    nonce = session_nonce(TOKEN, browser.cookies[COOKIE])
+    no_csrf = browser.post(f"/ui/api/jobs/{job_id}/cancel")
+    assert no_csrf.status_code == 403 and no_csrf.json()["error"]["message"] == errors.BAD_CSRF
+    other_origin = browser.post(
+        f"/ui/api/jobs/{job_id}/cancel",
+        headers={"X-CSRF-Token": csrf_token(TOKEN, nonce), "Origin": "https://evil.example"},
+    )
+    assert other_origin.status_code == 403 and other_origin.json()["error"]["message"] == errors.CROSS_ORIGIN
+    # the dashboard cannot start a job, and its session is no credential for the signed API
+    assert browser.post("/ui/api/trigger-finetune", json={}).status_code in (404, 405)
+    assert browser.get(f"/jobs/{job_id}").status_code == 401
+
+    ok = browser.post(f"/ui/api/jobs/{job_id}/cancel", headers={"X-CSRF-Token": csrf_token(TOKEN, nonce)})
+    assert ok.status_code == 200, ok.text
+    assert wait_for(Client(server.url, server.secret), job_id)["status"] == "cancelled"
+
+    logout = browser.post("/ui/logout", headers={"X-CSRF-Token": csrf_token(TOKEN, nonce)})
+    assert logout.status_code == 204 and COOKIE not in browser.cookies
+    assert browser.get("/ui/api/jobs").status_code == 401
+
+
+# -- in a real browser ---------------------------------------------------------------------------
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+NO_BROWSER = "needs Debian's chromium and chromium-driver: `apt-get install chromium chromium-driver` (.ci/run does)"
+
+
+@pytest.fixture
+def chrome(tmp_path):
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(NO_BROWSER)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (  # headless, and quiet on a machine without outside network (no background calls)
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def until(condition, timeout_s: float = 60, what: str = "condition"):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def text_of(driver, element_id: str) -> str:
+    return driver.find_element("id", element_id).text
+
+
+def test_in_a_browser_log_in_follow_a_job_see_curves_and_cancel(server, chrome, toy, tmp_path):
+    client = Client(server.url, server.secret)
+    finished = client.trigger("dash-done", toy(64), {"epochs": 8, "batch_size": 8}).json()["job_id"]
+    running = client.trigger("dash-running", toy(256), {"epochs": 40}).json()["job_id"]
+    assert wait_for(client, finished)["status"] == "succeeded"
+
+    chrome.get(server.url + "/ui")
+    chrome.find_element("id", "token").send_keys(TOKEN)
+    chrome.find_element("id", "login").click()
+    until(lambda: chrome.find_elements("css selector", f'tr[data-job="{running}"]'), what="the jobs list")
+    assert not chrome.execute_script("return document.cookie")  # the session cookie is HttpOnly
+
+    # the finished job: its curves (a training line and held-out points) and its artifact files
+    chrome.find_element("css selector", f'tr[data-job="{finished}"]').click()
+    until(lambda: text_of(chrome, "job-status") == "SUCCEEDED", what="the finished job")
+    points = until(
+        lambda: chrome.execute_script(
+            "const l = document.querySelector('#chart-loss polyline.train');"
+            " return l && l.getAttribute('points').split(' ').length;"
+        ),
+        what="the loss curve",
+    )
+    assert points >= 2
+    assert chrome.find_elements("css selector", "#chart-accuracy circle.eval")  # held-out accuracy
+    files = text_of(chrome, "job-files")
+    assert "model.safetensors" in files or "adapter_model.safetensors" in files, files
+    assert chrome.find_element("id", "cancel").is_displayed() is False
+    chrome.save_screenshot(str(tmp_path / "finished-job.png"))
+
+    # the running job: its progress moves while the page is open
+    chrome.find_element("css selector", f'tr[data-job="{running}"]').click()
+    until(lambda: text_of(chrome, "job-status") == "RUNNING", what="the running job")
+
+    def step() -> int:
+        words = text_of(chrome, "job-progress").split()
+        return int(words[1]) if len(words) > 1 and words[1].isdigit() else -1
+
+    first = until(lambda: step() > 0 and step(), what="a first step")
+    until(lambda: step() > first, what="the progress to move")
+    chrome.save_screenshot(str(tmp_path / "running-job.png"))
+
+    # cancel it from the page
+    chrome.find_element("id", "cancel").click()
+    until(lambda: text_of(chrome, "job-status") == "CANCELLED", timeout_s=90, what="the cancel")
+    assert client.get(f"/jobs/{running}").json()["status"] == "cancelled"
+    until(lambda: not chrome.find_element("id", "cancel").is_displayed(), what="the cancel button to go")
+    chrome.save_screenshot(str(tmp_path / "cancelled-job.png"))
+    assert all(os.path.getsize(tmp_path / f) > 1000 for f in ("finished-job.png", "cancelled-job.png"))
+
+    # the filter narrows the list
+    chrome.find_element("id", "filter-community").send_keys("dash-done")
+    chrome.find_element("css selector", "#filters button").click()
+    until(
+        lambda: [r.get_attribute("data-job") for r in chrome.find_elements("css selector", "#jobs tr")] == [finished],
+        what="the filtered list",
+    )
