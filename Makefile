@@ -24,10 +24,18 @@ export TOKENIZERS_PARALLELISM := false
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# torch comes first, from its pin in requirements.txt and without a hash: which build a machine
+# gets differs (a CPU wheel on disk here, the CUDA build from PyPI elsewhere, with its own NVIDIA
+# dependencies). Everything else is installed from the hashed lock (`make lock` writes it).
+TORCH := $(shell grep -oE '^torch==[0-9.]+' requirements.txt)
+LOCK_FLAGS := --quiet --generate-hashes --strip-extras --unsafe-package torch --no-allow-unsafe \
+              --no-emit-index-url --no-emit-find-links
+
+$(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -r requirements-dev.txt
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet --require-hashes -r requirements-dev.lock
 	$(PIP) install --quiet --no-deps -e .   # the console scripts: dpo-service, dpo-train, dpo-trigger
 	@touch $(STAMP)
 
@@ -39,6 +47,11 @@ setup: $(STAMP) ## Create .venv/ and install the pinned requirements (runtime + 
 install: ## Reinstall the pinned requirements into .venv/
 	@rm -f $(STAMP)
 	@$(MAKE) --no-print-directory setup
+
+.PHONY: lock
+lock: setup ## After editing requirements*.txt: re-pin requirements*.lock with hashes (pip-tools, ~10 min)
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --output-file requirements.lock requirements.txt
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --output-file requirements-dev.lock requirements-dev.txt
 
 .PHONY: validate-structure
 validate-structure: setup ## Import every package and compose every model x loss config

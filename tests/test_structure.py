@@ -52,3 +52,27 @@ def test_training_imports_neither_web_nor_firebase():
 def test_packages_import():
     for name in ("training", "training.facade", "training.loop", "training.losses", "training.logprobs"):
         importlib.import_module(name)
+
+
+def _pins(path: Path) -> dict[str, str]:
+    """name -> version of each `name==version` line (comments, options and -r lines skipped)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        requirement = line.split("#")[0].split(";")[0].strip().rstrip("\\").strip()
+        if "==" in requirement and not requirement.startswith("-"):
+            name, version = requirement.split("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_the_hashed_locks_hold_every_pin_of_the_requirements_files():
+    """`make setup` installs the locks: a pin edited in requirements*.txt without `make lock`
+    would silently not apply. torch stays out of the locks (installed first, by machine)."""
+    for source, lock in (("requirements.txt", "requirements.lock"), ("requirements-dev.txt", "requirements-dev.lock")):
+        wanted, locked = _pins(REPO / source), _pins(REPO / lock)
+        if source == "requirements-dev.txt":
+            wanted |= _pins(REPO / "requirements.txt")
+        stale = {name: (version, locked.get(name)) for name, version in wanted.items() if name != "torch"}
+        stale = {name: pair for name, pair in stale.items() if pair[0] != pair[1]}
+        assert not stale, f"{lock} is stale (pin, locked): {stale}; run `make lock`"
+        assert "torch" not in locked and "--hash=sha256:" in (REPO / lock).read_text()
