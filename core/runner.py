@@ -434,11 +434,14 @@ class Runner:
             cap = self.settings.max_records + 1
             limit = min(options["limit"], cap) if options.get("limit") else cap
             records, ids = self.source.fetch(community, since=since, limit=limit)
+            if validation is None:  # the community's own held-out set, when its source keeps one
+                validation = self._source_validation(community, cap)
         if len(records) > self.settings.max_records:
             raise SourceError(f"{len(records)} records, more than DPO_MAX_RECORDS ({self.settings.max_records})")
         # bad data fails here, in either mode, naming the record (or document)
         pairs, _ = normalise_records(records, ids=ids, max_chars=self.settings.max_field_chars)
-        self._note(job_id, "data", {"records": len(records), "pairs": len(pairs)})
+        data = {"records": len(records), "pairs": len(pairs)}
+        self._note(job_id, "data", data if validation is None else {**data, "validation_records": len(validation)})
         resolved = job.config  # model, loss and values resolved at the trigger
         values = {
             **resolved.get("values", {}),
@@ -479,6 +482,20 @@ class Runner:
             records=len(records),
             metrics={**result["final_train"], "trained_tokens": result["trained_tokens"]},
         )
+
+    def _source_validation(self, community: str, cap: int) -> list | None:
+        """The source's held-out records for the community (a local `<id>.validation.jsonl`, the
+        Firestore validation collection), checked like the training records; None without any."""
+        found = self.source.validation(community, limit=cap)
+        if found is None:
+            return None
+        records, ids = found
+        if len(records) > self.settings.max_records:
+            raise SourceError(
+                f"validation: {len(records)} records, more than DPO_MAX_RECORDS ({self.settings.max_records})"
+            )
+        normalise_records(records, ids=ids, max_chars=self.settings.max_field_chars)
+        return records
 
     def _train(self, job_id: str, cfg, records, ids, validation, work: Path, held: list[str]) -> dict:
         """Train in this process, or in a subprocess: a multi-GPU job, DPO_RUNNER_MODE=subprocess,

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     )
     firebase_storage_bucket: str | None = None
     firestore_preferences_path: str = "communities/{communityId}/preferences"
+    # a community's own held-out records: a job reading the source evaluates on them when there are any
+    firestore_validation_path: str = "communities/{communityId}/validation"
     firestore_jobs_collection: str = "dpo_jobs"
     firestore_page_size: int = Field(500, ge=1, le=10000)
     artifacts_prefix: str = "policies/{communityId}/{jobId}/"

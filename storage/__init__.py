@@ -40,6 +40,7 @@ def build_storage(settings) -> Storage:
             settings.firestore_preferences_path,
             settings.firestore_page_size,
             settings.storage_retry_deadline_s,
+            settings.firestore_validation_path,
         )
         artifacts = FirebaseArtifactStore(clients, settings.artifacts_prefix, settings.storage_retry_deadline_s)
         return Storage(source, artifacts, clients)

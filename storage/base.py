@@ -30,6 +30,9 @@ class PreferenceSource(Protocol):
     ) -> tuple[list[Any], list[str]]:
         """The community's records (createdAt >= since, at most limit) and an id for each (for error messages)."""
 
+    def validation(self, community_id: str, limit: int | None = None) -> tuple[list[Any], list[str]] | None:
+        """The community's own held-out records and their ids, or None when it keeps none."""
+
     def check(self) -> str | None:
         """None when reachable, else what is wrong (for /ready)."""
 

@@ -133,22 +133,33 @@ class FirestorePreferenceSource:
     name = "firestore"
 
     def __init__(
-        self, clients: FirebaseClients, path_template: str, page_size: int = 500, retry_deadline_s: float = 60.0
+        self,
+        clients: FirebaseClients,
+        path_template: str,
+        page_size: int = 500,
+        retry_deadline_s: float = 60.0,
+        validation_template: str | None = None,
     ):
         self.clients, self.path_template, self.page_size = clients, path_template, page_size
+        self.validation_template = validation_template  # the community's held-out records, if it keeps any
         self.retry_deadline_s = retry_deadline_s
         self.pages_read = 0  # for tests and logs: proof that reads are paginated
 
-    def collection_path(self, community_id: str) -> str:
-        return self.path_template.format(communityId=community_id)
+    def collection_path(self, community_id: str, template: str | None = None) -> str:
+        return (template or self.path_template).format(communityId=community_id)
 
     def iter_documents(
-        self, community_id: str, since: dt.datetime | None = None, limit: int | None = None
+        self,
+        community_id: str,
+        since: dt.datetime | None = None,
+        limit: int | None = None,
+        template: str | None = None,
     ) -> Iterator[tuple[str, dict]]:
-        """(document id, record) pairs, streamed with cursor pagination (page_size per read)."""
+        """(document id, record) pairs, streamed with cursor pagination (page_size per read), from
+        the community's preferences (or the collection `template` names)."""
         from google.cloud.firestore_v1 import FieldFilter
 
-        collection = self.clients.firestore().collection(self.collection_path(community_id))
+        collection = self.clients.firestore().collection(self.collection_path(community_id, template))
         query = collection
         if since is not None:
             query = query.where(filter=FieldFilter("createdAt", ">=", since)).order_by("createdAt")
@@ -176,25 +187,37 @@ class FirestorePreferenceSource:
             predicate=if_transient_error, initial=0.5, maximum=5.0, multiplier=2.0, timeout=self.retry_deadline_s
         )
 
-    def fetch(
-        self, community_id: str, since: dt.datetime | None = None, limit: int | None = None
+    def _read(
+        self, community_id: str, since=None, limit: int | None = None, template: str | None = None
     ) -> tuple[list[Any], list[str]]:
         records, ids = [], []
+        path = self.collection_path(community_id, template)
         try:
-            for doc_id, record in self.iter_documents(community_id, since, limit):
-                ids.append(f"document {doc_id}")
+            for doc_id, record in self.iter_documents(community_id, since, limit, template):
+                ids.append(f"{path}/{doc_id}" if template else f"document {doc_id}")
                 records.append(record)
         except Exception as err:
             if isinstance(err, SourceError):
                 raise
-            raise SourceError(
-                f"could not read Firestore collection {self.collection_path(community_id)}: {type(err).__name__}: {err}"
-            ) from err
+            raise SourceError(f"could not read Firestore collection {path}: {type(err).__name__}: {err}") from err
+        return records, ids
+
+    def fetch(
+        self, community_id: str, since: dt.datetime | None = None, limit: int | None = None
+    ) -> tuple[list[Any], list[str]]:
+        records, ids = self._read(community_id, since, limit)
         if not records:
             raise SourceError(
                 f"no preference records for community '{community_id}' (Firestore collection {self.collection_path(community_id)} is empty)"
             )
         return records, ids
+
+    def validation(self, community_id: str, limit: int | None = None) -> tuple[list[Any], list[str]] | None:
+        """The documents of DPO_FIRESTORE_VALIDATION_PATH for the community, or None when empty."""
+        if not self.validation_template:
+            return None
+        records, ids = self._read(community_id, limit=limit, template=self.validation_template)
+        return (records, ids) if records else None
 
     def check(self) -> str | None:
         try:

@@ -1,4 +1,5 @@
-"""Local filesystem backend: records from <dir>/<communityId>.jsonl|.json|.parquet, artifacts to a directory."""
+"""Local filesystem backend: records from <dir>/<communityId>.jsonl|.json|.parquet (held-out ones
+from <communityId>.validation.jsonl|...), artifacts to a directory."""
 
 from __future__ import annotations
 
@@ -23,31 +24,43 @@ class LocalPreferenceSource:
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    def _file(self, stem: str) -> Path | None:
+        return next((p for p in (self.root / f"{stem}{suffix}" for suffix in RECORD_FILES) if p.is_file()), None)
+
+    @staticmethod
+    def _load(path: Path) -> tuple[list[Any], list[str]]:
+        try:
+            records = load_records_file(str(path))
+        except (RecordError, UnicodeDecodeError, ValueError) as err:
+            raise SourceError(f"{path.name}: {err}") from None
+        return records, [f"{path.name}:{i}" for i in range(len(records))]
+
+    def validation(self, community_id: str, limit: int | None = None) -> tuple[list[Any], list[str]] | None:
+        """<communityId>.validation.jsonl|.json|.parquet next to the records, or None."""
+        path = self._file(f"{community_id}.validation")
+        if path is None:
+            return None
+        records, ids = self._load(path)
+        return (records[:limit], ids[:limit]) if records else None
+
     def fetch(
         self, community_id: str, since: datetime | None = None, limit: int | None = None
     ) -> tuple[list[Any], list[str]]:
-        for suffix in RECORD_FILES:
-            path = self.root / f"{community_id}{suffix}"
-            if path.is_file():
-                try:
-                    records = load_records_file(str(path))
-                except (RecordError, UnicodeDecodeError, ValueError) as err:
-                    raise SourceError(f"{path.name}: {err}") from None
-                ids = [f"{path.name}:{i}" for i in range(len(records))]
-                if since is not None:  # like Firestore's where(createdAt >= since): records without it drop out
-                    created = [_created_at(r) for r in records]
-                    keep = [i for i, c in enumerate(created) if c is not None and c >= since]
-                    records, ids = [records[i] for i in keep], [ids[i] for i in keep]
-                if limit is not None:
-                    records, ids = records[:limit], ids[:limit]
-                if not records:
-                    raise SourceError(
-                        f"no preference records for community '{community_id}' ({path.name} has none that match)"
-                    )
-                return records, ids
-        raise SourceError(
-            f"no preference records for community '{community_id}' (no {community_id}.jsonl, .json or .parquet in the data directory)"
-        )
+        path = self._file(community_id)
+        if path is None:
+            raise SourceError(
+                f"no preference records for community '{community_id}' (no {community_id}.jsonl, .json or .parquet in the data directory)"
+            )
+        records, ids = self._load(path)
+        if since is not None:  # like Firestore's where(createdAt >= since): records without it drop out
+            created = [_created_at(r) for r in records]
+            keep = [i for i, c in enumerate(created) if c is not None and c >= since]
+            records, ids = [records[i] for i in keep], [ids[i] for i in keep]
+        if limit is not None:
+            records, ids = records[:limit], ids[:limit]
+        if not records:
+            raise SourceError(f"no preference records for community '{community_id}' ({path.name} has none that match)")
+        return records, ids
 
     def check(self) -> str | None:
         return None if self.root.is_dir() or not self.root.exists() else "the preferences path is not a directory"

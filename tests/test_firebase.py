@@ -151,6 +151,27 @@ def test_since_filters_on_created_at(firebase_env):
     assert len(records) == 2 and records[0]["createdAt"].startswith("2026-01-01")
 
 
+def test_a_communitys_validation_collection_is_its_held_out_set(fb_server, firebase_env, toy):
+    """communities/{id}/validation (DPO_FIRESTORE_VALIDATION_PATH), here preferring the opposite
+    of the training data, is what a job reading the community's preferences evaluates on."""
+    settings = Settings()
+    clients = clients_for(firebase_env)
+    seed(clients, settings.firestore_preferences_path.format(communityId="held-fs"), toy(64))
+    flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in toy(16, seed=4)]
+    seed(clients, settings.firestore_validation_path.format(communityId="held-fs"), flipped)
+    client = Client(fb_server.url, fb_server.secret)
+    job_id = client.trigger("held-fs", config={"epochs": 2}).json()["job_id"]
+    job = wait_for(client, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    events = client.get(f"/jobs/{job_id}/events").json()["events"]
+    assert [e["data"] for e in events if e["kind"] == "data"] == [
+        {"records": 64, "pairs": 64, "validation_records": 16}
+    ]
+    assert job["final_eval"]["eval/rewards/accuracies"] <= 0.1, job["final_eval"]
+    source = FirestorePreferenceSource(clients, settings.firestore_preferences_path)  # no validation path: none
+    assert source.validation("held-fs") is None
+
+
 def test_malformed_documents_fail_the_job_naming_their_ids(fb_server, firebase_env):
     settings = Settings()
     db = clients_for(firebase_env).firestore()

@@ -732,6 +732,30 @@ def test_a_jobs_validation_records_are_its_held_out_set(tmp_path, toy, mode):
     assert saved["dataset"]["validation_pairs"] == 16 and saved["total_steps"] == 2 * 64 // 8
 
 
+def test_a_communitys_validation_file_beside_its_records_is_its_held_out_set(tmp_path, toy):
+    """A source job (no inline dataset) evaluates on `<communityId>.validation.jsonl` when the
+    local source keeps one; a broken held-out record fails the job naming its line."""
+    prefs = tmp_path / "preferences"
+    prefs.mkdir()
+    write = lambda name, records: (prefs / name).write_text("".join(json.dumps(r) + "\n" for r in records))  # noqa: E731
+    write("kept.jsonl", toy(64))
+    write("kept.validation.jsonl", swapped(toy(16, seed=4)))
+    write("broken.jsonl", toy(16))
+    write("broken.validation.jsonl", [{"prompt": "p", "chosen": "a"}])
+    with Server(tmp_path) as srv:
+        client = Client(srv.url, srv.secret)
+        job_id = client.trigger("kept", config={"epochs": 2}).json()["job_id"]
+        job = wait_for(client, job_id)
+        events = client.get(f"/jobs/{job_id}/events").json()["events"]
+        broken = wait_for(client, client.trigger("broken", config=FAST).json()["job_id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert [e["data"] for e in events if e["kind"] == "data"] == [
+        {"records": 64, "pairs": 64, "validation_records": 16}
+    ]
+    assert job["final_eval"]["eval/rewards/accuracies"] <= 0.1, job["final_eval"]
+    assert broken["status"] == "failed" and "broken.validation.jsonl:0" in broken["error"]["message"], broken
+
+
 def test_falls_back_to_a_subprocess_when_the_in_process_trainer_cannot_import(tmp_path, toy):
     # A broken `torch` shadows the real one in the server process only (not a mock of our code:
     # the import genuinely fails); the subprocess gets a clean PYTHONPATH and trains for real.
