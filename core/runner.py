@@ -164,7 +164,7 @@ class Runner:
                 try:
                     renewal = self.store.renew(job_id, token, self.lease_s)
                 except Exception as err:  # unreachable: keep training while the lease may still be ours
-                    log.warning("could not renew the lease of job %s: %s", job_id, err)
+                    log.warning("could not renew the lease of job %s: %s", job_id, err, extra={"job_id": job_id})
                     renewal = None
                 with self._lock:
                     if self._leases.get(job_id) != token:
