@@ -76,3 +76,35 @@ def firebase_env(emulators, monkeypatch):
     for key, value in emulators.env.items():
         monkeypatch.setenv(key, value)
     return emulators.env
+
+
+@pytest.fixture
+def trained_policy(monkeypatch):
+    """Captures the in-memory policy at save time, to compare with what reloads from disk."""
+    import training.facade as facade
+
+    captured = {}
+    real_save = facade.save_run
+
+    def spy(out, policy, *args):
+        captured["policy"] = policy
+        return real_save(out, policy, *args)
+
+    monkeypatch.setattr(facade, "save_run", spy)
+    return captured
+
+
+def logps_of(model, tokenizer, records):
+    """Log-probs on the CPU (a policy trained on a GPU is moved here to compare exactly)."""
+    import torch
+
+    from training.batching import collate
+    from training.logprobs import model_logps
+    from training.records import normalise_records
+    from training.tokenize import tokenize_pairs
+
+    pairs, _ = normalise_records(records)
+    batch = collate(tokenize_pairs(tokenizer, pairs, 128, 64, "keep_end"), tokenizer.pad_token_id)
+    with torch.no_grad():
+        chosen, rejected, _ = model_logps(model.float().cpu().eval(), batch)
+    return torch.cat([chosen, rejected])

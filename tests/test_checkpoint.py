@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import make_cfg
-from tests.test_training_e2e import logps_of, trained_policy  # noqa: F401  (fixture)
+from tests.conftest import logps_of, make_cfg
 from training import TrainingCancelled, run_training
 
 

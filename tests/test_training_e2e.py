@@ -9,24 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import make_cfg
+from tests.conftest import logps_of, make_cfg
 from training import TrainingCancelled, run_training
-from training.batching import collate
 from training.config import REPO_ROOT
-from training.logprobs import model_logps
 from training.loop import PairBatches, micro_batches, split_train_eval
 from training.model import model_path
 from training.records import RecordError, normalise_records
 from training.tokenize import tokenize_pairs
-
-
-def logps_of(model, tokenizer, records):
-    """Log-probs on the CPU (a policy trained on a GPU is moved here to compare exactly)."""
-    pairs, _ = normalise_records(records)
-    batch = collate(tokenize_pairs(tokenizer, pairs, 128, 64, "keep_end"), tokenizer.pad_token_id)
-    with torch.no_grad():
-        chosen, rejected, _ = model_logps(model.float().cpu().eval(), batch)
-    return torch.cat([chosen, rejected])
 
 
 @pytest.mark.parametrize("fmt", ["pairs", "ranked", "chat"])
@@ -75,22 +64,6 @@ def test_full_finetune_learns_the_toy_rule(tmp_path, toy, fmt):
     assert card.data.tags == ["dpo"] and "on 200 preference pairs from 200 records" in card.text.replace("\n", " ")
     accuracy = f"| rewards/accuracies | {metrics['evals'][0]['eval/rewards/accuracies']:.4f} |"
     assert accuracy in card.text and f"{metrics['final_eval']['eval/rewards/accuracies']:.4f} |" in card.text
-
-
-@pytest.fixture
-def trained_policy(monkeypatch):
-    """Captures the in-memory policy at save time, to compare with what reloads from disk."""
-    import training.facade as facade
-
-    captured = {}
-    real_save = facade.save_run
-
-    def spy(out, policy, *args):
-        captured["policy"] = policy
-        return real_save(out, policy, *args)
-
-    monkeypatch.setattr(facade, "save_run", spy)
-    return captured
 
 
 def test_saved_full_model_reloads_with_identical_logps(tmp_path, toy, trained_policy):
@@ -269,3 +242,31 @@ def test_cli_toy_train_prints_accuracy_and_artifact(tmp_path):
     assert accuracy >= 0.9
     assert f"artifact: {tmp_path / 'run'}" in out.stdout
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_batching_docstring_examples_hold():
+    """collate_shared_prefix's docstring shows the exact tensors of a two-pair batch."""
+    import doctest
+
+    import training.batching
+
+    result = doctest.testmod(training.batching)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_the_learning_rate_schedule_by_hand():
+    """lr_lambda(step) multiplies the learning rate before optimizer step `step + 1`: warm-up
+    climbs (step + 1) / (warmup + 1); then linear falls to 0 at `total`, cosine follows
+    (1 + cos(pi * progress)) / 2, constant stays 1. Here warmup 3, total 13."""
+    from training.loop import lr_lambda
+
+    warm = [lr_lambda("linear", 3, 13)(s) for s in range(3)]
+    assert warm == pytest.approx([1 / 4, 2 / 4, 3 / 4])
+    linear = lr_lambda("linear", 3, 13)
+    assert [linear(s) for s in (3, 8, 13, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0])  # progress (s-3)/10
+    cosine = lr_lambda("cosine", 3, 13)
+    assert [cosine(s) for s in (3, 8, 13, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0])  # cos(0), cos(pi/2), cos(pi)
+    assert cosine(5) == pytest.approx((1 + math.cos(math.pi * 0.2)) / 2)
+    assert [lr_lambda("constant", 0, 13)(s) for s in (0, 13)] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="train.scheduler: expected constant | linear | cosine"):
+        lr_lambda("step", 0, 13)(1)

@@ -1,4 +1,5 @@
-"""Tokenized pairs -> padded tensors, chosen and rejected concatenated for one forward pass."""
+"""Tokenized pairs -> padded tensors for one forward pass: one shared-prefix row per pair
+(collate_shared_prefix, the default, D15) or chosen rows then rejected rows (collate)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,18 @@ def collate_shared_prefix(pairs: list[TokenizedPair], pad_id: int) -> dict[str, 
     Besides input_ids / attention_mask (B, 1, L, L) / position_ids, the batch lists the scored
     tokens: the position whose output predicts it (score_rows, score_cols), the token
     (score_targets) and the sequence it belongs to (score_seq: i chosen, B+i rejected).
+
+    >>> batch = collate_shared_prefix([TokenizedPair([5, 6], [7], [8, 9]), TokenizedPair([5], [7, 2], [2])], 0)
+    >>> batch["input_ids"].tolist()  # [prompt | chosen | rejected], padded on the right
+    [[5, 6, 7, 8, 9], [5, 7, 2, 2, 0]]
+    >>> batch["position_ids"].tolist()  # the rejected answer continues from the prompt's end
+    [[0, 1, 2, 2, 3], [0, 1, 2, 1, 0]]
+    >>> batch["attention_mask"][0, 0].int().tolist()  # row 0: 8 and 9 see the prompt, never 7
+    [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
+    >>> [batch[k].tolist() for k in ("score_rows", "score_cols", "score_targets", "score_seq")]
+    [[0, 0, 0, 1, 1, 1], [1, 1, 3, 0, 1, 0], [7, 8, 9, 7, 2, 2], [0, 2, 2, 1, 1, 3]]
+
+    (Token 8, rejected pair 0's first, is predicted from position 1, the prompt's last, as 7 is.)
     """
     b = len(pairs)
     width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)

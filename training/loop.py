@@ -20,7 +20,7 @@ from training.checkpoint import load_checkpoint, restore_training_state, run_fin
 from training.distributed import Ranks
 from training.layout import choose_layout
 from training.logprobs import model_logps
-from training.losses import preference_loss
+from training.losses import LossOutput, preference_loss
 from training.model import Reference, enable_gradient_checkpointing
 from training.precision import compute_context, compute_dtype
 from training.tokenize import TokenizedPair
@@ -151,15 +151,45 @@ class PairBatches:
         return batch
 
 
-def reference_logps_for(reference: Reference | None, precomputed, batch, loss_cfg, chunk: int):
-    """(chosen, rejected) reference log-probs for a batch, or (None, None) when reference-free."""
+class ReferenceLogps:
+    """A batch's reference log-probs: none (a reference-free loss), precomputed once before
+    training (kept in checkpoints), or live from a Reference model each step."""
+
+    def __init__(self, loss_cfg, chunk: int, live: Reference | None = None, precomputed=None):
+        self.loss_cfg, self.chunk, self.live, self.precomputed = loss_cfg, chunk, live, precomputed
+
+    def __call__(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.loss_cfg.reference_free:
+            return None, None
+        if self.precomputed is not None:
+            return self.precomputed[0][batch["index"]], self.precomputed[1][batch["index"]]
+        with self.live.active() as ref_model:
+            chosen, rejected, _ = model_logps(ref_model, batch, self.loss_cfg.average_log_prob, self.chunk)
+        return chosen, rejected
+
+
+def setup_reference(policy, batches: PairBatches, n: int, cfg, resume: dict | None, forward, ranks: Ranks):
+    """Where reference log-probs come from. LoRA: the policy with adapters disabled; a full
+    fine-tune: a frozen copy (live) or the policy itself before its first step (precompute,
+    or the values a checkpoint kept)."""
+    tcfg, loss_cfg, chunk = cfg.train, cfg.loss, cfg.train.logprob_chunk_size
     if loss_cfg.reference_free:
-        return None, None
-    if precomputed is not None:
-        return precomputed[0][batch["index"]], precomputed[1][batch["index"]]
-    with reference.active() as ref_model:
-        chosen, rejected, _ = model_logps(ref_model, batch, loss_cfg.average_log_prob, chunk)
-    return chosen, rejected
+        return ReferenceLogps(loss_cfg, chunk)
+    if tcfg.reference not in ("precompute", "live"):
+        raise ValueError(f"train.reference: expected precompute | live, got {tcfg.reference!r}")
+    is_lora = hasattr(policy, "disable_adapter")
+    mode = "adapter" if is_lora else "copy" if tcfg.reference == "live" else "self"
+    if mode == "copy" and ranks.distributed:
+        raise ValueError(
+            "train.reference: live needs a frozen copy of the model, not offered on several processes; use precompute"
+        )
+    reference = Reference(policy, mode)  # before a checkpoint's weights load: the reference is the initial policy
+    if tcfg.reference == "live":
+        return ReferenceLogps(loss_cfg, chunk, live=reference)
+    if resume is not None and resume["precomputed"] is not None:
+        return ReferenceLogps(loss_cfg, chunk, precomputed=tuple(t.to(batches.device) for t in resume["precomputed"]))
+    precomputed = precompute_reference(reference, batches, n, tcfg.batch_size, loss_cfg, chunk, forward, ranks)
+    return ReferenceLogps(loss_cfg, chunk, precomputed=precomputed)
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 reuses buffers gathered here when training
@@ -211,10 +241,36 @@ def micro_batches(
     return out
 
 
-def batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk: int):
-    """Forward the policy on one (micro-)batch and score it. Returns (LossOutput, policy logps)."""
+@dataclass
+class PairScores:
+    """One (micro-)batch scored: the loss terms, and the policy's log-probs (detached)."""
+
+    loss: LossOutput
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+
+    def metric_sums(self) -> torch.Tensor:
+        """The sums over pairs behind each of METRICS, then the number of pairs (float64, on the
+        device): sums from several passes or ranks add up, and the means come from one host sync."""
+        out = self.loss
+        values = (
+            out.losses,
+            out.chosen_rewards,
+            out.rejected_rewards,
+            (out.chosen_rewards > out.rejected_rewards).float(),
+            out.chosen_rewards - out.rejected_rewards,
+            self.chosen_logps,
+            self.rejected_logps,
+        )
+        sums = [v.detach().double().sum() for v in values]
+        pairs = torch.tensor(float(out.losses.numel()), dtype=torch.float64, device=out.losses.device)
+        return torch.stack([*sums, pairs])
+
+
+def batch_loss(policy, batch, reference: ReferenceLogps, loss_cfg, chunk: int) -> PairScores:
+    """Forward the policy on one (micro-)batch and score it."""
     chosen, rejected, counts = model_logps(policy, batch, loss_cfg.average_log_prob, chunk)
-    ref_chosen, ref_rejected = reference_logps_for(reference, precomputed, batch, loss_cfg, chunk)
+    ref_chosen, ref_rejected = reference(batch)
     out = preference_loss(
         chosen,
         rejected,
@@ -227,7 +283,7 @@ def batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk: int):
         sft_weight=loss_cfg.sft_weight,
         chosen_token_counts=None if loss_cfg.average_log_prob else counts,
     )
-    return out, chosen.detach(), rejected.detach()
+    return PairScores(out, chosen.detach(), rejected.detach())
 
 
 METRICS = (
@@ -241,45 +297,221 @@ METRICS = (
 )
 
 
-def metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> torch.Tensor:
-    """The sums over pairs behind each of METRICS, then the number of pairs (float64, on the
-    device): sums from several passes or ranks add up, and the means come from one host sync."""
-    values = (
-        losses,
-        chosen_rewards,
-        rejected_rewards,
-        (chosen_rewards > rejected_rewards).float(),
-        chosen_rewards - rejected_rewards,
-        chosen_logps,
-        rejected_logps,
-    )
-    sums = [v.detach().double().sum() for v in values]
-    return torch.stack([*sums, torch.tensor(float(losses.numel()), dtype=torch.float64, device=losses.device)])
-
-
-def summarise(sums, prefix: str = "") -> dict:
-    """The standard DPO metrics (means over pairs) from metric_sums (a tensor, or its values),
-    summed over passes and ranks."""
-    *totals, n = sums.tolist() if isinstance(sums, torch.Tensor) else sums
+def summarise(sums: list[float], prefix: str = "") -> dict:
+    """The standard DPO metrics (means over pairs) from PairScores.metric_sums values, summed
+    over passes and ranks and read to the host."""
+    *totals, n = sums
     return {f"{prefix}{name}": total / max(n, 1.0) for name, total in zip(METRICS, totals, strict=True)}
 
 
+# -- a run: setup, then steps -------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a training run holds from its setup to its end (setup_run builds it)."""
+
+    policy: torch.nn.Module
+    cfg: object
+    ranks: Ranks
+    device: torch.device
+    forward: Callable  # the compute context: bf16 autocast around forward passes, or nothing
+    batches: PairBatches
+    reference: ReferenceLogps
+    train_idx: list[int]
+    eval_idx: list[int]
+    params: list[torch.nn.Parameter]
+    replicated: bool  # several ranks, LoRA: gradients are averaged here, not by FSDP2
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator  # the epochs' shuffling
+    state: TrainState
+    fingerprint: str
+    checkpoint_dir: Path | None
+    emit: ProgressFn
+    eval_at: set[int]
+    start_epoch: int = 0
+    skip: int = 0  # steps of start_epoch done before the checkpoint resumed from
+
+    @property
+    def total(self) -> int:
+        return self.state.total_steps
+
+
+def setup_run(policy, examples: list[TokenizedPair], pad_id: int, cfg, on_progress, eval_examples) -> Run:
+    """Everything before the first step: the split, the model's placement and batch layout, the
+    reference log-probs, the optimizer and schedule, and a checkpoint's state when resuming."""
+    tcfg = cfg.train
+    ranks = distributed.current()  # one process, or this one's place among torchrun's
+    torch.manual_seed(tcfg.seed)
+    if eval_examples is None:
+        train_idx, eval_idx = split_train_eval(
+            len(examples), cfg.data.eval_fraction, cfg.data.max_eval_examples, tcfg.seed
+        )
+    else:  # one list, so the reference pass and the batches serve both
+        train_idx, eval_idx = list(range(len(examples))), list(range(len(examples), len(examples) + len(eval_examples)))
+        examples = [*examples, *eval_examples]
+    emit = on_progress if on_progress is not None and ranks.main else (lambda event: None)
+
+    if tcfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    if ranks.distributed and "8bit" in tcfg.optimizer and not hasattr(policy, "peft_config"):
+        raise ValueError(f"train.optimizer: {tcfg.optimizer} cannot update FSDP2's sharded parameters; use adamw")
+    # several ranks: FSDP2 for a full fine-tune (moving a model loaded on the CPU to this rank's device)
+    distributed.parallelize(policy, tcfg.precision, ranks, distributed.rank_device(tcfg.device))
+    device = next(policy.parameters()).device
+    forward = compute_context(tcfg.precision, device)
+    budget = check_forward_budget(cfg.model.max_forward_tokens)
+    shared, layout = choose_layout(
+        policy, examples, pad_id, tcfg.shared_prefix, budget, forward, compute_dtype(tcfg.precision, policy)
+    )
+    shared, layout = distributed.from_rank0((shared, layout), ranks)  # a close call must not split the ranks
+    distributed.reshard(policy)
+    emit({"kind": "layout", **layout})
+    if tcfg.shared_prefix and not shared:
+        emit({"kind": "warning", "message": f"using separate chosen/rejected rows: {layout['reason']}"})
+    batches = PairBatches(examples, pad_id, device, shared, budget)
+
+    checkpoint_dir = Path(tcfg.checkpoint_dir) if tcfg.checkpoint_dir else None
+    resume = load_checkpoint(checkpoint_dir)
+    fingerprint = run_fingerprint(cfg, examples, layout)
+    if resume is not None and resume.get("fingerprint") != fingerprint:
+        emit({"kind": "warning", "message": CHECKPOINT_DISCARDED})
+        resume = None
+    reference = setup_reference(policy, batches, len(examples), cfg, resume, forward, ranks)
+
+    total = math.ceil(len(train_idx) / tcfg.batch_size) * tcfg.epochs
+    if tcfg.max_steps:
+        total = min(total, tcfg.max_steps)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, tcfg)
+    run = Run(
+        policy=policy,
+        cfg=cfg,
+        ranks=ranks,
+        device=device,
+        forward=forward,
+        batches=batches,
+        reference=reference,
+        train_idx=train_idx,
+        eval_idx=eval_idx,
+        params=params,
+        replicated=ranks.distributed and not distributed.is_sharded(policy),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.scheduler, tcfg.warmup_steps, total)),
+        generator=torch.Generator().manual_seed(tcfg.seed),
+        state=TrainState(total_steps=total, layout=layout),
+        fingerprint=fingerprint,
+        checkpoint_dir=checkpoint_dir,
+        emit=emit,
+        eval_at=eval_steps(total, tcfg.evals),  # checked even without an eval split: a bad value fails fast
+    )
+    if resume is not None:
+        restore(run, resume)
+    return run
+
+
+def restore(run: Run, resume: dict) -> None:
+    """Continue where a checkpoint left off: weights, optimizer, schedule, random state, position."""
+    restore_training_state(run.checkpoint_dir, resume, run.policy, run.optimizer)
+    run.scheduler.load_state_dict(resume["scheduler"])
+    torch.set_rng_state(resume["torch_rng"])
+    if resume["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(resume["cuda_rng"])
+    run.generator.set_state(resume["position"]["generator_state"])
+    run.start_epoch, run.skip = resume["position"]["epoch"], resume["position"]["batches_done"]
+    run.state.step, run.state.history, run.state.evals = resume["step"], resume["history"], resume["evals"]
+    run.emit({"kind": "resumed", "step": run.state.step, "total_steps": run.total})
+
+
+def scheduled_steps(run: Run):
+    """(epoch, position, steps in the epoch, pair indices, the epoch's generator state) for each
+    step still to run: a fresh shuffle every epoch; on resume, the epoch's shuffle is replayed
+    from the checkpoint's generator state and the steps done before it are skipped."""
+    for epoch in range(run.start_epoch, run.cfg.train.epochs):
+        generator_state = run.generator.get_state()
+        order = [run.train_idx[i] for i in torch.randperm(len(run.train_idx), generator=run.generator).tolist()]
+        steps = step_batches(order, run.cfg.train.batch_size)
+        for position, indices in enumerate(steps):
+            if epoch == run.start_epoch and position < run.skip:
+                continue  # done before the checkpoint
+            if run.state.step >= run.total:
+                return
+            yield epoch, position, len(steps), indices, generator_state
+
+
+def train_step(run: Run, indices: list[int]) -> dict:
+    """One optimizer step on the pairs `indices` (this rank's share of them, in passes within the
+    forward budget); returns the step's metrics, read from the device in one host sync."""
+    ranks, loss_cfg, chunk = run.ranks, run.cfg.loss, run.cfg.train.logprob_chunk_size
+    sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=run.device)  # + the step's tokens
+    for micro, counts in run.batches.rank_passes(indices, ranks):
+        batch = run.batches(micro)
+        with run.forward():
+            scores = batch_loss(run.policy, batch, run.reference, loss_cfg, chunk)
+        # the step's mean over its pairs, times the ranks averaging the gradients; outside autocast, as torch advises
+        (scores.loss.losses.sum() * (ranks.world if counts else 0.0) / len(indices)).backward()
+        if counts:
+            sums[:-1] += scores.metric_sums()
+            sums[-1] += batch_tokens(batch)
+    if run.replicated:
+        distributed.average_gradients(run.params, ranks)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.train.max_grad_norm or float("inf"))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.step += 1
+    distributed.sum_across(sums, ranks)
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    *pair_sums, tokens, norm = torch.cat([sums, norm.detach().double().reshape(1)]).tolist()  # one host sync
+    return {**summarise(pair_sums), "step": run.state.step, "grad_norm": norm, "lr": lr, "tokens": int(tokens)}
+
+
 @torch.no_grad()  # not inference_mode: FSDP2 reuses buffers gathered here when training
-def evaluate(
-    policy, batches, indices, reference, precomputed, loss_cfg, batch_size: int, chunk: int, forward, ranks: Ranks
-) -> dict:
+def evaluate(run: Run) -> dict:
+    """Held-out metrics of the policy now (means over the held-out pairs)."""
+    policy, batches, ranks = run.policy, run.batches, run.ranks
     was_training = policy.training
     policy.eval()
     sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=batches.device)
-    for start in range(0, len(indices), batch_size):
-        for idx, counts in batches.rank_passes(indices[start : start + batch_size], ranks):
-            with forward():
-                out, c, r = batch_loss(policy, batches(idx), reference, precomputed, loss_cfg, chunk)
+    batch_size = run.cfg.train.batch_size
+    for start in range(0, len(run.eval_idx), batch_size):
+        for idx, counts in batches.rank_passes(run.eval_idx[start : start + batch_size], ranks):
+            with run.forward():
+                scores = batch_loss(policy, batches(idx), run.reference, run.cfg.loss, run.cfg.train.logprob_chunk_size)
             if counts:
-                sums += metric_sums(out.losses, out.chosen_rewards, out.rejected_rewards, c, r)
+                sums += scores.metric_sums()
     distributed.reshard(policy)
     policy.train(was_training)
-    return summarise(distributed.sum_across(sums, ranks), prefix="eval/")
+    return summarise(distributed.sum_across(sums, ranks).tolist(), prefix="eval/")
+
+
+def record_eval(run: Run) -> None:
+    """Held-out metrics now, recorded in state.evals (kept in checkpoints) and emitted."""
+    state = run.state
+    result = evaluate(run)
+    if state.evals and state.step == run.total:  # the end: flag a job that made the held-out set worse
+        result["eval/regressed"] = heldout_regressed(state.evals[0], result)
+    state.evals.append({"step": state.step, **result})
+    run.emit({"kind": "eval", "step": state.step, "total_steps": run.total, "metrics": result})
+
+
+def save(run: Run, epoch: int, batches_done: int, generator_state) -> None:
+    """A checkpoint at this step boundary (with train.checkpoint_dir set)."""
+    if run.checkpoint_dir is None:
+        return
+    position = {"epoch": epoch, "batches_done": batches_done, "generator_state": generator_state}
+    save_checkpoint(
+        run.checkpoint_dir,
+        run.policy,
+        run.optimizer,
+        run.scheduler,
+        run.state,
+        position,
+        run.reference.precomputed,
+        run.fingerprint,
+        run.ranks,
+    )
+    run.emit({"kind": "checkpoint", "step": run.state.step, "total_steps": run.total})  # a shared store copies it now
 
 
 def train_policy(
@@ -298,178 +530,37 @@ def train_policy(
     With train.checkpoint_dir set, a checkpoint is written every train.checkpoint_every steps and
     when should_stop() stops the run; a run started on a directory holding one resumes from it.
     """
-    tcfg, loss_cfg = cfg.train, cfg.loss
-    ranks = distributed.current()  # one process, or this one's place among torchrun's
-    chunk = tcfg.logprob_chunk_size
-    torch.manual_seed(tcfg.seed)
-    if eval_examples is None:
-        train_idx, eval_idx = split_train_eval(
-            len(examples), cfg.data.eval_fraction, cfg.data.max_eval_examples, tcfg.seed
-        )
-    else:  # one list, so the reference pass and the batches serve both
-        train_idx, eval_idx = list(range(len(examples))), list(range(len(examples), len(examples) + len(eval_examples)))
-        examples = [*examples, *eval_examples]
-    emit = on_progress if on_progress is not None and ranks.main else (lambda event: None)
-
-    if tcfg.gradient_checkpointing:
-        enable_gradient_checkpointing(policy)
-    if ranks.distributed and "8bit" in tcfg.optimizer and not hasattr(policy, "peft_config"):
-        raise ValueError(f"train.optimizer: {tcfg.optimizer} cannot update FSDP2's sharded parameters; use adamw")
-    # several ranks: FSDP2 for a full fine-tune (moving a model loaded on the CPU to this rank's device)
-    distributed.parallelize(policy, tcfg.precision, ranks, distributed.rank_device(tcfg.device))
-    device = next(policy.parameters()).device
-    forward = compute_context(tcfg.precision, device)  # bf16 autocast around forward passes, or nothing
-    budget = check_forward_budget(cfg.model.max_forward_tokens)
-    shared, layout = choose_layout(
-        policy, examples, pad_id, tcfg.shared_prefix, budget, forward, compute_dtype(tcfg.precision, policy)
-    )
-    shared, layout = distributed.from_rank0((shared, layout), ranks)  # a close call must not split the ranks
-    distributed.reshard(policy)
-    emit({"kind": "layout", **layout})
-    if tcfg.shared_prefix and not shared:
-        emit({"kind": "warning", "message": f"using separate chosen/rejected rows: {layout['reason']}"})
-    batches = PairBatches(examples, pad_id, device, shared, budget)
-
-    # Reference log-probs: none (reference-free), precomputed once before training, or live each
-    # step. LoRA: the policy with adapters disabled; full fine-tuning: a frozen copy (live) or the
-    # policy itself before its first step (precompute).
-    checkpoint_dir = Path(tcfg.checkpoint_dir) if tcfg.checkpoint_dir else None
-    resume = load_checkpoint(checkpoint_dir)
-    fingerprint = run_fingerprint(cfg, examples, layout)
-    if resume is not None and resume.get("fingerprint") != fingerprint:
-        emit({"kind": "warning", "message": CHECKPOINT_DISCARDED})
-        resume = None
-    reference, precomputed = None, None
-    if not loss_cfg.reference_free:
-        if tcfg.reference not in ("precompute", "live"):
-            raise ValueError(f"train.reference: expected precompute | live, got {tcfg.reference!r}")
-        is_lora = hasattr(policy, "disable_adapter")
-        mode = "adapter" if is_lora else "copy" if tcfg.reference == "live" else "self"
-        if mode == "copy" and ranks.distributed:
-            raise ValueError(
-                "train.reference: live needs a frozen copy of the model, not offered on several processes; use precompute"
-            )
-        reference = Reference(policy, mode)  # before a checkpoint's weights load: the reference is the initial policy
-        if tcfg.reference == "precompute":
-            if resume is not None and resume["precomputed"] is not None:
-                precomputed = tuple(t.to(device) for t in resume["precomputed"])
-            else:
-                precomputed = precompute_reference(
-                    reference, batches, len(examples), tcfg.batch_size, loss_cfg, chunk, forward, ranks
-                )
-            reference = None
-
-    batch_size = tcfg.batch_size
-    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-    total = steps_per_epoch * tcfg.epochs
-    if tcfg.max_steps:
-        total = min(total, tcfg.max_steps)
-    state = TrainState(total_steps=total, layout=layout)
-
-    params = [p for p in policy.parameters() if p.requires_grad]
-    replicated = ranks.distributed and not distributed.is_sharded(policy)  # LoRA: gradients averaged here
-    optimizer = make_optimizer(params, tcfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.scheduler, tcfg.warmup_steps, total))
-    generator = torch.Generator().manual_seed(tcfg.seed)
-    start_epoch, skip = 0, 0
-    if resume is not None:
-        restore_training_state(checkpoint_dir, resume, policy, optimizer)
-        scheduler.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["torch_rng"])
-        if resume["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])
-        generator.set_state(resume["position"]["generator_state"])
-        start_epoch, skip = resume["position"]["epoch"], resume["position"]["batches_done"]
-        state.step, state.history, state.evals = resume["step"], resume["history"], resume["evals"]
-        emit({"kind": "resumed", "step": state.step, "total_steps": total})
-    eval_at = eval_steps(total, tcfg.evals)  # checked even without an eval split: a bad value fails fast
-
-    def run_eval() -> None:
-        """Held-out metrics now, recorded in state.evals (kept in checkpoints) and emitted."""
-        result = evaluate(
-            policy, batches, eval_idx, reference, precomputed, loss_cfg, batch_size, chunk, forward, ranks
-        )
-        if state.evals and state.step == total:  # the end: flag a job that made the held-out set worse
-            result["eval/regressed"] = heldout_regressed(state.evals[0], result)
-        state.evals.append({"step": state.step, **result})
-        emit({"kind": "eval", "step": state.step, "total_steps": total, "metrics": result})
+    run = setup_run(policy, examples, pad_id, cfg, on_progress, eval_examples)
+    tcfg, state, total = cfg.train, run.state, run.total
 
     def stop() -> bool:  # every rank stops at the same step boundary, or none does
-        return distributed.any_across(should_stop is not None and should_stop(), ranks, device)
+        return distributed.any_across(should_stop is not None and should_stop(), run.ranks, run.device)
 
-    if eval_idx and not state.evals:
-        run_eval()  # the baseline: held-out metrics of the initial policy
+    if run.eval_idx and not state.evals:
+        record_eval(run)  # the baseline: held-out metrics of the initial policy
     policy.train()
     start_time = time.perf_counter()
+    for epoch, position, steps_in_epoch, indices, generator_state in scheduled_steps(run):
+        if stop():
+            save(run, epoch, position, generator_state)
+            raise TrainingCancelled(f"cancelled before step {state.step + 1} of {total}")
+        step_start = time.perf_counter()
+        metrics = train_step(run, indices)
+        elapsed = time.perf_counter() - step_start
+        metrics.update(
+            epoch=epoch + (position + 1) / steps_in_epoch,
+            tokens_per_s=metrics["tokens"] / elapsed if elapsed > 0 else 0.0,
+            elapsed_s=time.perf_counter() - start_time,
+        )
+        state.history.append(metrics)
+        run.emit(
+            {"kind": "step", "step": state.step, "total_steps": total, "epoch": metrics["epoch"], "metrics": metrics}
+        )
+        if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < total:
+            save(run, epoch, position + 1, generator_state)
+        if run.eval_idx and state.step in run.eval_at and state.step < total:
+            record_eval(run)
 
-    def checkpoint(epoch: int, batches_done: int, generator_state) -> None:
-        if checkpoint_dir is not None:
-            position = {"epoch": epoch, "batches_done": batches_done, "generator_state": generator_state}
-            save_checkpoint(
-                checkpoint_dir, policy, optimizer, scheduler, state, position, precomputed, fingerprint, ranks
-            )
-            emit({"kind": "checkpoint", "step": state.step, "total_steps": total})  # a shared store copies it now
-
-    for epoch in range(start_epoch, tcfg.epochs):
-        epoch_generator_state = generator.get_state()  # replaying it rebuilds this epoch's batches on resume
-        order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=generator).tolist()]
-        steps = step_batches(order, batch_size)
-        for position, indices in enumerate(steps):
-            if epoch == start_epoch and position < skip:
-                continue  # done before the checkpoint
-            if state.step >= total:
-                break
-            if stop():
-                checkpoint(epoch, position, epoch_generator_state)
-                raise TrainingCancelled(f"cancelled before step {state.step + 1} of {total}")
-            step_start = time.perf_counter()
-            sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=device)  # + the step's tokens
-            for micro, counts in batches.rank_passes(indices, ranks):
-                batch = batches(micro)
-                with forward():
-                    out, c, r = batch_loss(policy, batch, reference, precomputed, loss_cfg, chunk)
-                # the step's mean over its pairs, times the ranks averaging the gradients; outside autocast, as torch advises
-                (out.losses.sum() * (ranks.world if counts else 0.0) / len(indices)).backward()
-                if counts:
-                    sums[:-1] += metric_sums(out.losses, out.chosen_rewards, out.rejected_rewards, c, r)
-                    sums[-1] += batch_tokens(batch)
-            if replicated:
-                distributed.average_gradients(params, ranks)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            distributed.sum_across(sums, ranks)
-            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-            *pair_sums, tokens, norm = torch.cat([sums, norm.detach().double().reshape(1)]).tolist()  # one host sync
-            metrics = summarise(pair_sums)
-            elapsed = time.perf_counter() - step_start
-            metrics.update(
-                step=state.step,
-                epoch=epoch + (position + 1) / len(steps),
-                grad_norm=norm,
-                lr=lr,
-                tokens=int(tokens),
-                tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
-                elapsed_s=time.perf_counter() - start_time,
-            )
-            state.history.append(metrics)
-            emit(
-                {
-                    "kind": "step",
-                    "step": state.step,
-                    "total_steps": total,
-                    "epoch": metrics["epoch"],
-                    "metrics": metrics,
-                }
-            )
-            if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < total:
-                checkpoint(epoch, position + 1, epoch_generator_state)
-            if eval_idx and state.step in eval_at and state.step < total:
-                run_eval()
-
-    if eval_idx:
-        run_eval()
+    if run.eval_idx:
+        record_eval(run)
     return state
