@@ -530,7 +530,7 @@ class FirestoreJobStore:
                 else None,
                 **self._event(transaction, ref, data, "state", finish_event(result)),
             }
-            for name in ("final_eval", "metrics", "records"):
+            for name in ("final_eval", "metrics", "records", "runner"):
                 if getattr(result, name) is not None:
                     update[name] = getattr(result, name)
             if result.artifact_uri is not None:

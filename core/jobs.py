@@ -317,7 +317,7 @@ class SqliteJobStore:
                 if value is not None:
                     sets.append(f"{column} = ?")
                     args.append(json.dumps(value))
-            for column in ("artifact_uri", "records"):
+            for column in ("artifact_uri", "records", "runner"):
                 value = getattr(result, column)
                 if value is not None:
                     sets.append(f"{column} = ?")

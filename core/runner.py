@@ -26,12 +26,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from core.callbacks import CallbackSender
-from core.errors import JOB_FINISHED, JOB_NOT_FOUND, ServiceError
+from core.errors import JOB_FINISHED, JOB_NOT_FOUND, Conflict, NotFound
 from core.gpus import RANK_ERROR, GpuPool, gpu_ids, inprocess_device, process_tree, torchrun_failure
 from core.logs import job_context
+from core.progress import ProgressRecorder, outcome
 from core.schemas import job_view
 from core.store import Finish, Job, JobFinished, StoreUnavailable, replica_id, split_stored
 from storage.base import SourceError, StorageError
+from training import protocol
 from training.config import REPO_ROOT, compose_config, literal
 from training.records import RecordError, normalise_records, write_jsonl
 
@@ -221,9 +223,9 @@ class Runner:
         try:
             job = self.store.request_cancel(job_id)
         except JobFinished as err:
-            raise ServiceError(409, "conflict", JOB_FINISHED.format(status=err.status)) from None
+            raise Conflict(JOB_FINISHED.format(status=err.status)) from None
         if job is None:
-            raise ServiceError(404, "not_found", JOB_NOT_FOUND)
+            raise NotFound(JOB_NOT_FOUND)
         if job.status == "cancelled":
             self.checkpoints.remove(job_id)  # one left by a shutdown, if any
         self._stop(job_id, "cancel")  # this replica at once; another at its next lease renewal
@@ -481,6 +483,7 @@ class Runner:
             artifact_files=stored.files,
             records=len(records),
             metrics={**result["final_train"], "trained_tokens": result["trained_tokens"]},
+            runner=result["runner"],
         )
 
     def _source_validation(self, community: str, cap: int) -> list | None:
@@ -521,6 +524,7 @@ class Runner:
                 result = self._train_inprocess(
                     run_training, cancelled_type, here, records, ids, validation, out_dir, progress, job_id
                 )
+                result["runner"] = "inprocess"
             except InProcessUnavailable as err:
                 if self.mode == "inprocess":
                     raise
@@ -528,6 +532,7 @@ class Runner:
                 self._note(job_id, "warning", {"message": f"in-process trainer unavailable, using a subprocess: {err}"})
         if result is None:
             result = self._train_subprocess(cfg, records, validation, work, out_dir, progress, job_id, held)
+            result["runner"] = "torchrun" if len(held) > 1 else "subprocess"
         return result
 
     def _publish_checkpoint(self, job_id: str, step: int) -> None:
@@ -654,19 +659,20 @@ class Runner:
         result, error, tail, rank_error = None, None, [], None
         try:
             for line in self._watch(job_id, proc):
-                kind, _, payload = line.partition(" ")
                 try:
-                    if kind == "@progress":
-                        progress(json.loads(payload))
-                    elif kind == "@result":
-                        result = json.loads(payload)
-                    elif kind == "@error":
-                        error = json.loads(payload)
-                    elif kind != "@alive":
-                        tail = (tail + [line.rstrip()])[-40:]
-                        rank_error = RANK_ERROR.match(line.strip()) or rank_error
-                except json.JSONDecodeError:  # a garbled line must not end the job or lose the trainer
+                    kind, payload = protocol.parse(line)
+                except ValueError:  # a garbled line must not end the job or lose the trainer
                     log.warning("job %s: unreadable trainer line: %.200s", job_id, line)
+                    continue
+                if kind == protocol.PROGRESS:
+                    progress(payload)
+                elif kind == protocol.RESULT:
+                    result = payload
+                elif kind == protocol.ERROR:
+                    error = payload
+                elif kind is None:  # the trainer's own output: its tail explains a crash
+                    tail = (tail + [line.rstrip()])[-40:]
+                    rank_error = RANK_ERROR.match(line.strip()) or rank_error
         except BaseException:  # whatever broke the watch, no trainer outlives it
             signal_group(proc, signal.SIGKILL)
             proc.wait()
@@ -692,71 +698,3 @@ class Runner:
                 raise RuntimeError(f"training subprocess killed by {signal.Signals(-code).name}")
             raise RuntimeError(f"training subprocess exited with code {code}: " + " | ".join(tail[-5:]))
         return outcome(json.loads((out_dir / "metrics.json").read_text()))
-
-
-def outcome(metrics: dict) -> dict:
-    """What the job record keeps of a run's metrics.json: the final held-out and training
-    metrics, and the tokens trained on (chosen + rejected, every epoch)."""
-    return {
-        "final_eval": metrics.get("final_eval", {}),
-        "final_train": metrics.get("final_train", {}),
-        "trained_tokens": sum(h.get("tokens", 0) for h in metrics.get("history", [])),
-    }
-
-
-class ProgressRecorder:
-    """Training progress events -> the job row (every step) and the event log (throttled).
-
-    Best effort: while the store is unreachable, training goes on and these writes are skipped
-    (for QUIET_S after each failure, so a partition does not slow every step); the job's record
-    catches up with its next write."""
-
-    QUIET_S = 30.0
-
-    def __init__(self, store, job_id: str, metrics=None, event_interval_s: float = 1.0, on_checkpoint=None):
-        self.store, self.job_id, self.metrics, self.interval = store, job_id, metrics, event_interval_s
-        self.on_checkpoint = on_checkpoint  # (job id, step): a checkpoint was just written
-        self.started = time.time()
-        self.last_event = 0.0
-        self.steps_seen = 0
-        self._quiet_until = 0.0
-
-    def _write(self, write, *args) -> None:
-        if time.monotonic() < self._quiet_until:
-            return
-        try:
-            write(*args)
-        except Exception as err:
-            log.warning("job %s: progress not recorded for %g s: %s", self.job_id, self.QUIET_S, err)
-            self._quiet_until = time.monotonic() + self.QUIET_S
-
-    def __call__(self, event: dict) -> None:
-        step, total = event.get("step", 0), event.get("total_steps") or 0
-        if event["kind"] == "checkpoint":
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(self.job_id, step)
-            return
-        if event["kind"] != "step":  # eval, resumed, layout, warning: one event each, as sent
-            if event["kind"] == "eval":  # the held-out metrics at a step (the dashboard draws them)
-                data = {"step": step, **event["metrics"]}
-            else:
-                data = {k: v for k, v in event.items() if k != "kind"}
-            self._write(self.store.add_event, self.job_id, event["kind"], data)
-            return
-        self.steps_seen += 1
-        elapsed = time.time() - self.started
-        progress = {
-            "step": step,
-            "total_steps": total,
-            "epoch": round(event.get("epoch", 0.0), 4),
-            "percent": round(100.0 * step / total, 2) if total else 0.0,
-            "eta_seconds": round(elapsed / step * (total - step), 1) if step else None,
-        }
-        metrics = {k: v for k, v in event["metrics"].items() if isinstance(v, int | float)}
-        self._write(self.store.set_progress, self.job_id, progress, metrics)
-        if self.metrics is not None and "tokens_per_s" in metrics:
-            self.metrics.tokens_per_s.set(metrics["tokens_per_s"])
-        now = time.time()
-        if now - self.last_event >= self.interval or step == total:
-            self.last_event = now
-            self._write(self.store.add_event, self.job_id, "progress", {**progress, "metrics": metrics})

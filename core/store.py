@@ -20,8 +20,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-FINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
+FINAL = ("succeeded", "failed", "cancelled")
+STATES = ACTIVE + FINAL  # a job's status is always one of these
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"  # uuid4().hex, as create() makes them
 TAKEN_OVER = "taken over: its previous worker stopped renewing the lease (a crash, or its replica was lost)"
 CANCELLED_QUEUED = "cancelled before it started"
 
@@ -108,6 +110,7 @@ class Finish:
     artifact_uri: str | None = None
     artifact_files: list[str] | None = None
     records: int | None = None
+    runner: str | None = None  # the trainer path that ran: inprocess, subprocess or torchrun
 
 
 def finish_event(result: Finish) -> dict:

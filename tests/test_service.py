@@ -56,7 +56,7 @@ def test_signed_toy_trigger_trains_and_stores_a_loadable_artifact(server, client
     assert job["status"] == "succeeded", job["error"]
     assert job["final_eval"]["eval/rewards/accuracies"] >= 0.9
     assert job["progress"]["percent"] == 100.0 and job["progress"]["step"] == job["progress"]["total_steps"]
-    assert job["runner"] == "auto" and job["records"] == 200 and job["source"] == "inline"
+    assert job["runner"] == "inprocess" and job["records"] == 200 and job["source"] == "inline"
     path = artifact_path(job)
     assert path == Path(server.root, "artifacts", "toy-community", body["job_id"]).resolve()
     assert {"model.safetensors", "manifest.json", "metrics.json"} <= set(job["artifact"]["files"])

@@ -1,12 +1,12 @@
 """CLI: python -m training data.path=FILE output_dir=DIR [model=tiny loss=ipo train.epochs=1 ...]
 
 Hydra appears only here; it composes config/cli.yaml and calls the same run_training the service uses.
-Progress goes to stdout as JSON lines (prefix "@progress ") so a parent process can follow it.
+Progress, the result or the error go to stdout as protocol lines (training/protocol.py), so a
+parent process can follow the run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -16,7 +16,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from training import distributed
+from training import distributed, protocol
 from training.config import CONFIG_DIR, resolve_path
 from training.facade import run_training
 from training.loop import TrainingCancelled
@@ -29,7 +29,7 @@ _MAIN = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 spea
 def _emit(kind: str, payload: dict) -> None:
     if not _MAIN:
         return
-    line = f"@{kind} " + json.dumps(payload) + "\n"
+    line = protocol.message(kind, payload)
     with _stdout_lock:
         sys.stdout.write(line)
         sys.stdout.flush()
@@ -37,7 +37,7 @@ def _emit(kind: str, payload: dict) -> None:
 
 def _heartbeat(interval_s: float) -> None:
     while True:
-        _emit("alive", {})
+        _emit(protocol.ALIVE, {})
         time.sleep(interval_s)
 
 
@@ -45,7 +45,7 @@ def _heartbeat(interval_s: float) -> None:
 def main(cfg: DictConfig) -> None:
     if not cfg.data.path:
         _emit(
-            "error",
+            protocol.ERROR,
             {
                 "type": "invalid_config",
                 "message": "data.path is required: python -m training data.path=FILE output_dir=DIR",
@@ -65,22 +65,22 @@ def main(cfg: DictConfig) -> None:
         result = run_training(
             cfg,
             records,
-            on_progress=lambda event: _emit("progress", event),
+            on_progress=lambda event: _emit(protocol.PROGRESS, event),
             should_stop=stop.is_set,
             validation_records=validation,
         )
     except RecordError as err:
-        _emit("error", {"type": "invalid_data", "message": str(err)})
+        _emit(protocol.ERROR, {"type": "invalid_data", "message": str(err)})
         sys.exit(2)
     except TrainingCancelled as err:
-        _emit("error", {"type": "stopped", "message": str(err)})
+        _emit(protocol.ERROR, {"type": "stopped", "message": str(err)})
         sys.exit(3)
     finally:
         distributed.close()
     if not _MAIN:
         return
     final = result.metrics.get("final_eval", {})
-    _emit("result", {"output_dir": str(result.output_dir), "files": result.files, "final_eval": final})
+    _emit(protocol.RESULT, {"output_dir": str(result.output_dir), "files": result.files, "final_eval": final})
     acc = final.get("eval/rewards/accuracies")
     print(f"held-out reward accuracy: {acc if acc is None else f'{acc:.3f}'}")
     print(f"artifact: {result.output_dir}")
