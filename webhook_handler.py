@@ -27,16 +27,25 @@ from core import SERVICE_NAME, __version__
 from core.auth import HEADER
 from core.callbacks import check_callback_url
 from core.dashboard import add_dashboard
-from core.errors import CALLBACK_NEEDS_SECRET, IDEMPOTENCY_CONFLICT, MISSING_SIGNATURE, ServiceError
+from core.errors import (
+    CALLBACK_NEEDS_SECRET,
+    IDEMPOTENCY_CONFLICT,
+    MISSING_SIGNATURE,
+    Conflict,
+    Invalid,
+    ServiceError,
+    TooMany,
+    Unauthorized,
+    Unavailable,
+)
 from core.gate import VERIFIED, Gate
 from core.job_config import job_training_config
 from core.logs import configure_logging
 from core.metrics import Metrics
+from core.resources import Resources, ResourcesDep, RunnerDep, SettingsDep, StoreDep
 from core.runner import Runner
 from core.schemas import (
     COMMUNITY_ID_PATTERN,
-    FINAL_STATES,
-    JOB_ID_PATTERN,
     EventList,
     Health,
     JobList,
@@ -54,8 +63,11 @@ from core.schemas import (
 )
 from core.settings import Settings, get_settings
 from core.store import (
+    FINAL,
+    JOB_ID_PATTERN,
     ActiveJobConflict,
     IdempotencyConflict,
+    Job,
     JobStore,
     NewJob,
     QueueFull,
@@ -71,10 +83,6 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 
 
 # -- dependencies -----------------------------------------------------------------------------
-def _state(request: Request):
-    return request.app.state
-
-
 SIGNING = """Every request except /health, /ready, /metrics and /docs carries
 `X-DPO-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(DPO_WEBHOOK_SECRET, string to sign)>`, where
 the string to sign is `<t>\\n<METHOD>\\n<path>\\n<canonical query>\\n<Idempotency-Key>\\n<raw body>`:
@@ -90,7 +98,7 @@ async def require_signature(request: Request, _header: Annotated[str | None, Sec
     """The raw body of a request the gate (core/gate.py) verified; 401 if it did not. The
     security scheme documents the header in the OpenAPI schema (and /docs); the gate checks it."""
     if request.app.state.settings.webhook_secrets is not None and not request.scope.get(VERIFIED):
-        raise ServiceError(401, "unauthorized", MISSING_SIGNATURE)  # only if the gate were bypassed
+        raise Unauthorized(MISSING_SIGNATURE)  # only if the gate were bypassed
     return await request.body()
 
 
@@ -102,17 +110,16 @@ async def check_records(name: str, records: list, settings: Settings) -> None:
     """Inline records (`dataset` or `validation`) within the limits and all usable, before anything
     is queued (off the event loop: 10,000 records take a while); else a 422 naming the record."""
     if len(records) > settings.max_records:
-        raise ServiceError(
-            422,
-            "too_many_records",
+        raise Invalid(
             f"{name}: {len(records)} records, more than the limit of {settings.max_records}",
             field=name,
+            code="too_many_records",
         )
     try:
         await asyncio.to_thread(normalise_records, records, max_chars=settings.max_field_chars)
     except RecordError as err:
         field = f"{name}[{err.record}].{err.field}" if isinstance(err.record, int) else name
-        raise ServiceError(422, "invalid_record", str(err), field=field) from None
+        raise Invalid(str(err), field=field, code="invalid_record") from None
 
 
 def status_url(request: Request, settings: Settings, job_id: str) -> str:
@@ -143,13 +150,12 @@ def health():
 
 
 @router.get("/ready", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}, **errors()})
-def ready(request: Request):
-    state = _state(request)
+def ready(res: ResourcesDep):
     checks = {
-        "job_store": state.store.check() or "ok",
-        "worker": worker_check(state.runner),
-        "preference_source": state.source.check() or "ok",
-        "artifact_store": state.artifacts.check() or "ok",
+        "job_store": res.store.check() or "ok",
+        "worker": worker_check(res.runner),
+        "preference_source": res.source.check() or "ok",
+        "artifact_store": res.artifacts.check() or "ok",
     }
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ready" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
@@ -158,8 +164,71 @@ def ready(request: Request):
 @router.get(
     "/metrics", tags=["ops"], response_class=Response, responses={200: {"content": {"text/plain": {}}}, **errors()}
 )
-def metrics(request: Request):
-    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+def metrics(res: ResourcesDep):
+    return Response(res.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def check_trigger(payload: TriggerRequest, settings: Settings, runner: Runner) -> None:
+    """Everything about a trigger that can be wrong, before anything is queued."""
+    if runner.stopping:
+        raise Unavailable("the service is shutting down; retry on another instance", code="shutting_down")
+    if payload.callbackUrl is not None:
+        check_callback_url(payload.callbackUrl, settings.callback_allowed_hosts)
+        if settings.callback_secret is None and settings.webhook_secret is not None:
+            raise Invalid(CALLBACK_NEEDS_SECRET, field="callbackUrl")
+    for name, records in (("dataset", payload.dataset), ("validation", payload.validation)):
+        if records is not None:
+            await check_records(name, records, settings)
+
+
+async def trigger_job_config(payload: TriggerRequest, settings: Settings) -> dict:
+    """What the job keeps of the trigger: the resolved training config (422 if bad) and the rest."""
+    overrides = payload.config
+    return {
+        "validation_records": None if payload.validation is None else len(payload.validation),
+        "overrides": overrides.model_dump(exclude_none=True) if overrides else {},
+        **await asyncio.to_thread(job_training_config, overrides, settings),  # model, loss, values
+        "source_options": {"since": payload.since.isoformat() if payload.since else None, "limit": payload.limit},
+        "suffix": payload.suffix,
+        "metadata": payload.metadata or {},
+    }
+
+
+async def enqueue(store: JobStore, new_job: NewJob, settings: Settings) -> Job:
+    """The new job (or, for a repeated Idempotency-Key, its job); the store's refusals as errors."""
+    try:
+        job, _ = await asyncio.to_thread(store.create, new_job)
+    except IdempotencyConflict as err:
+        raise Conflict(f"{IDEMPOTENCY_CONFLICT} (job {err.job_id})", code="idempotency_conflict") from None
+    except ActiveJobConflict as err:
+        raise Conflict(
+            f"community '{new_job.community_id}' already has an active job: {err.job_id}",
+            field="communityId",
+            code="community_busy",
+        ) from None
+    except QueueFull:
+        raise TooMany(
+            f"the job queue is full ({settings.max_queued_jobs} queued); retry later",
+            headers={"Retry-After": "60"},
+            code="queue_full",
+        ) from None
+    return job
+
+
+async def wait_for_end(store: JobStore, runner: Runner, job_id: str) -> JSONResponse:
+    """`?wait=true`: poll (off the event loop) until the job ends; the old synchronous shape."""
+    while True:
+        job = await asyncio.to_thread(store.get, job_id)
+        if job.status in FINAL or runner.stopping:
+            break
+        await asyncio.sleep(0.25)
+    view = job_view(job)
+    body = {"job_id": job_id, "job_status": view["status"]}
+    if view["status"] == "succeeded":
+        body.update(status="success", policy_path=view["artifact"]["uri"])
+    else:
+        body.update(status="error", error=view["error"] or {"type": view["status"], "message": "job did not finish"})
+    return JSONResponse(body, status_code=200)
 
 
 @router.post(
@@ -173,88 +242,42 @@ async def trigger_finetune(
     request: Request,
     body: Signed,
     payload: TriggerRequest,
+    res: ResourcesDep,
+    settings: SettingsDep,
     wait: Annotated[bool, Query(description="answer when the job ends, in the old synchronous shape")] = False,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=256)] = None,
 ):
-    state = _state(request)
-    if state.runner.stopping:
-        raise ServiceError(503, "shutting_down", "the service is shutting down; retry on another instance")
-    if payload.callbackUrl is not None:
-        check_callback_url(payload.callbackUrl, state.settings.callback_allowed_hosts)
-        if state.settings.callback_secret is None and state.settings.webhook_secret is not None:
-            raise ServiceError(422, "validation_error", CALLBACK_NEEDS_SECRET, field="callbackUrl")
-    settings = state.settings
-    for name, records in (("dataset", payload.dataset), ("validation", payload.validation)):
-        if records is not None:
-            await check_records(name, records, settings)
-    overrides = payload.config
-    config = {
-        "validation_records": None if payload.validation is None else len(payload.validation),
-        "overrides": overrides.model_dump(exclude_none=True) if overrides else {},
-        **await asyncio.to_thread(job_training_config, overrides, settings),  # model, loss, values; 422 if bad
-        "source_options": {"since": payload.since.isoformat() if payload.since else None, "limit": payload.limit},
-        "suffix": payload.suffix,
-        "metadata": payload.metadata or {},
-    }
-    try:
-        new_job = NewJob(
-            payload.communityId,
-            config,
-            source="inline" if payload.dataset is not None else state.source.name,
-            dataset=payload.dataset,
-            validation=payload.validation,
-            callback_url=payload.callbackUrl,
-            idempotency_key=idempotency_key,
-            body_sha256=hashlib.sha256(body).hexdigest(),
-            max_queued=settings.max_queued_jobs,
-            one_per_community=settings.one_job_per_community,
-            idempotency_ttl_s=settings.idempotency_ttl_s,
-        )
-        job, _ = await asyncio.to_thread(state.store.create, new_job)
-    except IdempotencyConflict as err:
-        raise ServiceError(409, "idempotency_conflict", f"{IDEMPOTENCY_CONFLICT} (job {err.job_id})") from None
-    except ActiveJobConflict as err:
-        raise ServiceError(
-            409,
-            "community_busy",
-            f"community '{payload.communityId}' already has an active job: {err.job_id}",
-            field="communityId",
-        ) from None
-    except QueueFull:
-        raise ServiceError(
-            429,
-            "queue_full",
-            f"the job queue is full ({settings.max_queued_jobs} queued); retry later",
-            headers={"Retry-After": "60"},
-        ) from None
-    state.runner.notify()
-    job_id = job.id
-    if not wait:
-        # a repeated request (same Idempotency-Key and body) answers its job as it is now
-        return {"status": job.status, "job_id": job_id, "status_url": status_url(request, settings, job_id)}
-    while True:  # poll without blocking the event loop
-        job = await asyncio.to_thread(state.store.get, job_id)
-        if job.status in FINAL_STATES or state.runner.stopping:
-            break
-        await asyncio.sleep(0.25)
-    view = job_view(job)
-    body = {"job_id": job_id, "job_status": view["status"]}
-    if view["status"] == "succeeded":
-        body.update(status="success", policy_path=view["artifact"]["uri"])
-    else:
-        body.update(status="error", error=view["error"] or {"type": view["status"], "message": "job did not finish"})
-    return JSONResponse(body, status_code=200)
+    await check_trigger(payload, settings, res.runner)
+    new_job = NewJob(
+        payload.communityId,
+        await trigger_job_config(payload, settings),
+        source="inline" if payload.dataset is not None else res.source.name,
+        dataset=payload.dataset,
+        validation=payload.validation,
+        callback_url=payload.callbackUrl,
+        idempotency_key=idempotency_key,
+        body_sha256=hashlib.sha256(body).hexdigest(),
+        max_queued=settings.max_queued_jobs,
+        one_per_community=settings.one_job_per_community,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+    )
+    job = await enqueue(res.store, new_job, settings)
+    res.runner.notify()
+    if wait:
+        return await wait_for_end(res.store, res.runner, job.id)
+    # a repeated request (same Idempotency-Key and body) answers its job as it is now
+    return {"status": job.status, "job_id": job.id, "status_url": status_url(request, settings, job.id)}
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"], name="get_job", responses=errors(401, 404, 422))
-def get_job(request: Request, job_id: JobId, _: Signed):
-    return job_view(job_or_404(_state(request).store, job_id))
+def get_job(job_id: JobId, _: Signed, store: StoreDep):
+    return job_view(job_or_404(store, job_id))
 
 
 @router.get("/jobs", response_model=JobList, tags=["jobs"], responses=errors(401, 422))
 def list_jobs(
-    request: Request,
     _: Signed,
+    store: StoreDep,
     communityId: Annotated[str | None, Query(pattern=COMMUNITY_ID_PATTERN)] = None,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -262,25 +285,24 @@ def list_jobs(
         str | None, Query(pattern=r"^[0-9a-f]{1,32}$", description="next_cursor of the previous page")
     ] = None,
 ):
-    return jobs_page(_state(request).store, communityId, status, limit, cursor)
+    return jobs_page(store, communityId, status, limit, cursor)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], responses=errors(401, 404, 409, 422))
-def cancel_job(request: Request, job_id: JobId, _: Signed):
-    state = _state(request)
-    job_or_404(state.store, job_id)
-    return job_view(state.runner.cancel(job_id))
+def cancel_job(job_id: JobId, _: Signed, store: StoreDep, runner: RunnerDep):
+    job_or_404(store, job_id)
+    return job_view(runner.cancel(job_id))
 
 
 @router.get("/jobs/{job_id}/events", response_model=EventList, tags=["jobs"], responses=errors(401, 404, 422))
 def job_events(
-    request: Request,
     job_id: JobId,
     _: Signed,
+    store: StoreDep,
     after: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ):
-    return events_page(_state(request).store, job_id, after, limit)
+    return events_page(store, job_id, after, limit)
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -372,22 +394,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         else:
             checkpoints = LocalCheckpoints(settings.checkpoint_root)
-        app.state.settings, app.state.store = settings, store
-        app.state.source, app.state.artifacts = storage.source, storage.artifacts
-        app.state.metrics = Metrics(store)
-        app.state.runner = Runner(store, settings, storage.source, storage.artifacts, checkpoints, app.state.metrics)
-        app.state.runner.start()
+        metrics = Metrics(store)
+        runner = Runner(store, settings, storage.source, storage.artifacts, checkpoints, metrics)
+        app.state.resources = Resources(store, storage.source, storage.artifacts, runner, metrics)
+        runner.start()
         try:
             yield
         finally:
             log.info("shutting down: stopping the runner")
-            await asyncio.to_thread(app.state.runner.shutdown)
+            await asyncio.to_thread(runner.shutdown)
             if mirror is not None:
                 await asyncio.to_thread(mirror.close)
             store.close()
 
     # /docs is served from this service's own copy of Swagger UI: no CDN at run time
     app = FastAPI(title="DPO fine-tuning microservice", version=__version__, lifespan=lifespan, docs_url=None)
+    app.state.settings = settings
     app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
@@ -401,7 +423,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         secrets=settings.webhook_secrets,
         max_body_bytes=settings.max_body_bytes,
         tolerance_s=settings.signature_tolerance_s,
-        remember=lambda mac, expires_at, key: app.state.store.remember_signature(mac, expires_at, key),
+        remember=lambda mac, expires_at, key: app.state.resources.store.remember_signature(mac, expires_at, key),
     )
 
     @app.middleware("http")
@@ -410,10 +432,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        metrics = getattr(request.app.state, "metrics", None)
+        resources = getattr(request.app.state, "resources", None)  # None before the lifespan ran
         method = request.method if request.method in KNOWN_METHODS else "other"  # bounded label values
-        if metrics is not None:
-            metrics.request_latency.labels(method, path, str(response.status_code)).observe(
+        if resources is not None:
+            resources.metrics.request_latency.labels(method, path, str(response.status_code)).observe(
                 time.perf_counter() - started
             )
         return response

@@ -22,7 +22,7 @@ import time
 from urllib.parse import parse_qsl, quote
 
 from core import errors
-from core.errors import ServiceError
+from core.errors import Unauthorized
 
 HEADER = "X-DPO-Signature"
 _DIGITS = re.compile(r"[0-9]{1,12}")
@@ -69,26 +69,26 @@ def sign(
 
 
 def parse_header(header: str | None, tolerance_s: int, now: float | None = None) -> tuple[int, list[str]]:
-    """(t, the v1 values) of a well-formed, fresh header, else ServiceError(401). Checked before
+    """(t, the v1 values) of a well-formed, fresh header, else Unauthorized. Checked before
     the body is read, so a request without a usable signature costs nothing."""
     if not header:
-        raise ServiceError(401, "unauthorized", errors.MISSING_SIGNATURE)
+        raise Unauthorized(errors.MISSING_SIGNATURE)
     t, given = None, []
     for item in header.split(","):
         key, sep, value = item.strip().partition("=")
         if not sep:
-            raise ServiceError(401, "unauthorized", errors.MALFORMED_SIGNATURE)
+            raise Unauthorized(errors.MALFORMED_SIGNATURE)
         if key == "t" and t is None and _DIGITS.fullmatch(value):
             t = int(value)
         elif key == "v1" and _HEX64.fullmatch(value):
             given.append(value.lower())
         else:
-            raise ServiceError(401, "unauthorized", errors.MALFORMED_SIGNATURE)
+            raise Unauthorized(errors.MALFORMED_SIGNATURE)
     if t is None or not given or len(given) > 4:
-        raise ServiceError(401, "unauthorized", errors.MALFORMED_SIGNATURE)
+        raise Unauthorized(errors.MALFORMED_SIGNATURE)
     now = time.time() if now is None else now
     if abs(now - t) > tolerance_s:
-        raise ServiceError(401, "unauthorized", errors.STALE_SIGNATURE.format(tolerance=tolerance_s))
+        raise Unauthorized(errors.STALE_SIGNATURE.format(tolerance=tolerance_s))
     return t, given
 
 
@@ -107,7 +107,7 @@ class Macs:
             mac.update(chunk)
 
     def check(self, given: list[str]) -> str:
-        """The matching v1 value, or ServiceError(401). Every comparison is constant-time."""
+        """The matching v1 value, or Unauthorized. Every comparison is constant-time."""
         match = None
         for mac in self._macs:
             expected = mac.hexdigest()
@@ -115,7 +115,7 @@ class Macs:
                 if hmac.compare_digest(expected, value):
                     match = value
         if match is None:
-            raise ServiceError(401, "unauthorized", errors.BAD_SIGNATURE)
+            raise Unauthorized(errors.BAD_SIGNATURE)
         return match
 
 
@@ -129,7 +129,7 @@ def verify(
     tolerance_s: int = 300,
     now: float | None = None,
 ) -> str:
-    """Raise ServiceError(401) unless `header` is a fresh, valid signature of this request;
+    """Raise Unauthorized unless `header` is a fresh, valid signature of this request;
     returns the matching MAC (the replay cache's key)."""
     t, given = parse_header(header, tolerance_s, now)
     macs = Macs([secrets] if isinstance(secrets, str) else secrets, t, method, path, query)

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from core.errors import ServiceError
+from core.errors import Invalid, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def check_callback_url(url: str, allowed_hosts: list[str]) -> None:
     """422 unless the URL is a well-formed http(s) URL to an allowed host (none by default)."""
 
     def refuse(why: str) -> ServiceError:
-        return ServiceError(422, "validation_error", f"callbackUrl: {why}", field="callbackUrl")
+        return Invalid(f"callbackUrl: {why}", field="callbackUrl")
 
     if any(ord(c) < 0x21 or c == "\x7f" for c in url):
         raise refuse("expected an http(s) URL without spaces or control characters")

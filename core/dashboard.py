@@ -28,9 +28,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from core import errors
-from core.errors import ServiceError
-from core.schemas import COMMUNITY_ID_PATTERN, JOB_ID_PATTERN, JobStatus, events_page, job_or_404, job_view, jobs_page
+from core.errors import Forbidden, NotFound, Unauthorized
+from core.resources import RunnerDep, StoreDep
+from core.schemas import COMMUNITY_ID_PATTERN, JobStatus, events_page, job_or_404, job_view, jobs_page
 from core.settings import Settings
+from core.store import JOB_ID_PATTERN
 
 PREFIX = "/ui"
 COOKIE = "dpo_dashboard"
@@ -76,7 +78,7 @@ def csrf_token(token: str, nonce: str) -> str:
 def _token(request: Request) -> str:
     settings: Settings = request.app.state.settings
     if settings.dashboard_token is None:  # routes exist only with a token; this guards a refactor
-        raise ServiceError(404, "not_found", "Not Found")
+        raise NotFound("Not Found")
     return settings.dashboard_token.get_secret_value()
 
 
@@ -87,14 +89,14 @@ def _same_origin(request: Request) -> None:
         return
     host = request.headers.get("x-forwarded-host") or request.headers.get("host", "")
     if urlsplit(origin).netloc != host:
-        raise ServiceError(403, "forbidden", errors.CROSS_ORIGIN)
+        raise Forbidden(errors.CROSS_ORIGIN)
 
 
 def session(request: Request) -> str:
     """The session's nonce; 401 without a valid session cookie."""
     nonce = session_nonce(_token(request), request.cookies.get(COOKIE))
     if nonce is None:
-        raise ServiceError(401, "unauthorized", errors.LOGIN_REQUIRED)
+        raise Unauthorized(errors.LOGIN_REQUIRED)
     return nonce
 
 
@@ -103,7 +105,7 @@ def changing_session(request: Request, nonce: Annotated[str, Depends(session)]) 
     _same_origin(request)
     given = request.headers.get(CSRF_HEADER, "")
     if not hmac.compare_digest(given, csrf_token(_token(request), nonce)):
-        raise ServiceError(403, "forbidden", errors.BAD_CSRF)
+        raise Forbidden(errors.BAD_CSRF)
     return nonce
 
 
@@ -169,29 +171,29 @@ def logout(_: ChangingSession):
 # -- the dashboard's JSON (the same views as the signed API) ------------------------------------
 @router.get("/api/jobs")
 def list_jobs(
-    request: Request,
     _: Session,
+    store: StoreDep,
     community: Annotated[str | None, Query(pattern=COMMUNITY_ID_PATTERN)] = None,
     status: JobStatus | None = None,
     cursor: Annotated[str | None, Query(pattern=r"^[0-9a-f]{1,32}$")] = None,
 ):
-    return jobs_page(request.app.state.store, community, status, 50, cursor)
+    return jobs_page(store, community, status, 50, cursor)
 
 
 @router.get("/api/jobs/{job_id}")
-def get_job(request: Request, job_id: JobId, _: Session):
-    return job_view(job_or_404(request.app.state.store, job_id))
+def get_job(job_id: JobId, _: Session, store: StoreDep):
+    return job_view(job_or_404(store, job_id))
 
 
 @router.get("/api/jobs/{job_id}/events")
-def job_events(request: Request, job_id: JobId, _: Session, after: Annotated[int, Query(ge=0, le=2**62)] = 0):
-    return events_page(request.app.state.store, job_id, after, 1000)
+def job_events(job_id: JobId, _: Session, store: StoreDep, after: Annotated[int, Query(ge=0, le=2**62)] = 0):
+    return events_page(store, job_id, after, 1000)
 
 
 @router.post("/api/jobs/{job_id}/cancel")
-def cancel_job(request: Request, job_id: JobId, _: ChangingSession):
-    job_or_404(request.app.state.store, job_id)
-    return job_view(request.app.state.runner.cancel(job_id))
+def cancel_job(job_id: JobId, _: ChangingSession, store: StoreDep, runner: RunnerDep):
+    job_or_404(store, job_id)
+    return job_view(runner.cancel(job_id))
 
 
 def add_dashboard(app: FastAPI) -> None:

@@ -1,20 +1,64 @@
-"""One domain error type; webhook_handler turns it into a JSON response with one handler."""
+"""One domain error type, raised as one of its kinds (each with its HTTP status and a default
+code); webhook_handler turns any of them into the one JSON error shape with one handler."""
 
 from __future__ import annotations
 
 
 class ServiceError(Exception):
-    """An error with an HTTP status, a stable code and a message that names what was wrong."""
+    """An error with an HTTP status, a stable code and a message that names what was wrong.
+    Raise one of the subclasses below; `code` overrides the kind's default where a client needs
+    to tell cases apart (e.g. community_busy among conflicts)."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None, headers: dict | None = None):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, field: str | None = None, headers: dict | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+        self.message, self.field, self.headers = message, field, headers
+        if code is not None:
+            self.code = code
 
     def body(self) -> dict:
         error = {"code": self.code, "message": self.message}
         if self.field is not None:
             error["field"] = self.field
         return {"error": error}
+
+
+class Invalid(ServiceError):
+    """The request is well-formed but a field's value is wrong (name it in `field`)."""
+
+    status, code = 422, "validation_error"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
+
+
+class TooLarge(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class TooMany(ServiceError):
+    status, code = 429, "too_many_requests"
+
+
+class Unavailable(ServiceError):
+    """Nothing was changed; retrying (here later, or on another replica) may succeed."""
+
+    status, code = 503, "unavailable"
 
 
 # Fixed messages that tests assert.

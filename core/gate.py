@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 
 from core import errors
 from core.auth import HEADER, Macs, parse_header
-from core.errors import ServiceError
+from core.errors import ServiceError, TooLarge, Unauthorized, Unavailable
 from core.store import StoreUnavailable
 
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/ui"})
@@ -82,14 +82,13 @@ class Gate:
             try:
                 fresh = await asyncio.to_thread(self.remember, mac, t + self.tolerance, key)
             except StoreUnavailable as err:  # the replay check needs the (shared) store
-                raise ServiceError(
-                    503,
-                    "store_unavailable",
+                raise Unavailable(
                     f"the job store is unavailable ({err}); retry",
                     headers={"Retry-After": "5"},
+                    code="store_unavailable",
                 ) from None
             if not fresh:
-                raise ServiceError(401, "unauthorized", errors.REPLAYED_SIGNATURE)
+                raise Unauthorized(errors.REPLAYED_SIGNATURE)
         scope[VERIFIED] = True
         return body
 
@@ -111,7 +110,7 @@ class Gate:
                 return b"".join(chunks)
 
     def _too_large(self) -> ServiceError:
-        return ServiceError(413, "payload_too_large", f"request body larger than {self.limit} bytes")
+        return TooLarge(f"request body larger than {self.limit} bytes")
 
 
 def _replay(body: bytes, receive):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from core.errors import ServiceError
+from core.errors import Invalid
 from core.gpus import gpu_ids
 from core.schemas import TrainOverrides
 from core.settings import Settings
@@ -24,11 +24,10 @@ def resolve_model(name: str | None, settings: Settings) -> tuple[str, str | None
     if choice in settings.allowed_models or choice == settings.default_model:  # the operator chose these
         return CUSTOM, choice
     presets = [p for p in available("model") if p != CUSTOM]
-    raise ServiceError(
-        422,
-        "unknown_model",
+    raise Invalid(
         f"config.model: expected a preset ({', '.join(presets)}) or a model in DPO_ALLOWED_MODELS, got {choice!r}",
         field="config.model",
+        code="unknown_model",
     )
 
 
@@ -43,22 +42,20 @@ def job_training_config(overrides: TrainOverrides | None, settings: Settings) ->
     try:
         cfg = compose_config(preset, loss, {"output_dir": "unset", **values})
     except (KeyError, ValueError) as err:  # the schema ranges make this rare: a bug, said plainly
-        raise ServiceError(422, "invalid_config", f"config: {err}", field="config") from None
+        raise Invalid(f"config: {err}", field="config", code="invalid_config") from None
     if cfg.model.merge and not cfg.model.lora.enabled:
-        raise ServiceError(
-            422,
-            "invalid_config",
+        raise Invalid(
             "config.merge: needs lora: true (a full fine-tune stores full weights already)",
             field="config.merge",
+            code="invalid_config",
         )
     length, prompt = cfg.data.max_length, cfg.data.max_prompt_length
     if "data.max_prompt_length" in values:
         if prompt >= length:
-            raise ServiceError(
-                422,
-                "invalid_config",
+            raise Invalid(
                 f"config.max_prompt_length: must be smaller than max_length ({length}), got {prompt}",
                 field="config.max_prompt_length",
+                code="invalid_config",
             )
     elif "data.max_length" in values and prompt > length // 2:
         values["data.max_prompt_length"] = length // 2  # a shorter sequence than the preset's: keep room for answers
@@ -89,11 +86,10 @@ def job_gpus(overrides: TrainOverrides | None, settings: Settings) -> int:
     wanted = (overrides.gpus if overrides else None) or 1
     have = len(gpu_ids(settings.gpus))
     if wanted > 1 and wanted > have:
-        raise ServiceError(
-            422,
-            "invalid_config",
+        raise Invalid(
             f"config.gpus: this service runs a job on at most {max(have, 1)} GPU{'s' if have > 1 else ''}"
             f" (DPO_GPUS lists {have}), got {wanted}",
             field="config.gpus",
+            code="invalid_config",
         )
     return wanted

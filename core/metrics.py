@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+from core.store import STATES
 
 
 class _JobStateCollector:

@@ -8,14 +8,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.errors import JOB_NOT_FOUND, ServiceError
-from core.store import FINAL, BadCursor, Job
+from core.errors import JOB_NOT_FOUND, Invalid, NotFound
+from core.store import STATES, BadCursor, Job
 from training.config import available
 
 COMMUNITY_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
-JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-FINAL_STATES = FINAL
+JobStatus = Literal[STATES]  # Literal of a tuple: the same as listing its values
 
 
 class TrainOverrides(BaseModel):
@@ -179,7 +177,10 @@ class JobView(BaseModel):
     result_files: list[str] = Field([], description="the artifact's files, by URI")
     source: str
     records: int | None = None
-    runner: str | None = None
+    runner: str | None = Field(
+        None,
+        description="the configured DPO_RUNNER_MODE; once trained, the path that ran: inprocess, subprocess, torchrun",
+    )
 
 
 class JobList(BaseModel):
@@ -270,7 +271,7 @@ def job_view(job: Job) -> dict:
 def job_or_404(store, job_id: str) -> Job:
     job = store.get(job_id)
     if job is None:
-        raise ServiceError(404, "not_found", JOB_NOT_FOUND)
+        raise NotFound(JOB_NOT_FOUND)
     return job
 
 
@@ -279,9 +280,7 @@ def jobs_page(store, community_id: str | None, status: str | None, limit: int, c
     try:
         jobs, next_cursor = store.list(community_id, status, limit, cursor)
     except BadCursor:
-        raise ServiceError(
-            422, "validation_error", "cursor: not a cursor this service handed out", field="cursor"
-        ) from None
+        raise Invalid("cursor: not a cursor this service handed out", field="cursor") from None
     return {"jobs": [job_view(j) for j in jobs], "next_cursor": next_cursor}
 
 

@@ -1,4 +1,4 @@
-"""Layout rules from DESIGN.md that a refactor could silently break."""
+"""Layout rules (the layout the user fixed, plan/architecture.md) that a refactor could silently break."""
 
 import ast
 import importlib

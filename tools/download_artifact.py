@@ -9,7 +9,6 @@ artifact without manifest.json (an upload that never completed) and checks every
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import sys
@@ -18,8 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.settings import Settings  # noqa: E402
+from core.store import JOB_ID_PATTERN  # noqa: E402
 from storage.firebase import FirebaseClients  # noqa: E402
-from storage.manifest import MANIFEST  # noqa: E402
+from storage.manifest import MANIFEST, sha256_of  # noqa: E402
 
 
 class DownloadError(RuntimeError):
@@ -30,7 +30,7 @@ def download(
     clients: FirebaseClients, settings: Settings, job_id: str, out: Path, community: str | None = None
 ) -> dict:
     """Fetch every file listed in the manifest into `out`; returns the manifest."""
-    if not re.fullmatch(r"[0-9a-f]{32}", job_id):
+    if not re.fullmatch(JOB_ID_PATTERN, job_id):
         raise DownloadError(f"not a job id: {job_id!r}")
     if community is None:
         doc = clients.firestore().collection(settings.firestore_jobs_collection).document(job_id).get()
@@ -48,7 +48,7 @@ def download(
         target = out / entry["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         bucket.blob(prefix + entry["path"]).download_to_filename(str(target))
-        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        digest = sha256_of(target)  # streamed: a 7B model's weights are ~14 GB
         if digest != entry["sha256"]:
             raise DownloadError(f"{entry['path']}: sha256 {digest} does not match the manifest's {entry['sha256']}")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))

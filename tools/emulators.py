@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from tools.serve import free_port
 
 FIRESTORE_EMULATOR = Path(
     os.environ.get(
@@ -32,12 +33,6 @@ BUCKET = "demo-test.appspot.com"
 
 class EmulatorMissing(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_gcs_binary() -> Path:

@@ -22,6 +22,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.auth import HEADER, sign  # noqa: E402
+from core.store import FINAL  # noqa: E402
 
 
 class Client:
@@ -78,7 +79,7 @@ class Client:
                 f"\r{job['status']:>9} [{bar:<{width}}] {pct:5.1f}% step {p.get('step', 0)}/{p.get('total_steps') or '?'}{loss_txt}{eta}   "
             )
             out.flush()
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in FINAL:
                 out.write("\n")
                 return job
             if time.time() > deadline:

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from training import distributed
+from training.artifacts import save_run
 from training.loop import ProgressFn, StopFn, train_policy
 from training.memory import check_memory
 from training.model import load_policy, load_tokenizer, model_path, set_threads
@@ -121,6 +122,3 @@ def check_merge(model_cfg) -> None:
         raise ValueError(
             "model.merge: a 4-bit base cannot take the adapter exactly; merge the adapter into the bf16 base instead"
         )
-
-
-from training.artifacts import save_run  # noqa: E402  (kept at the bottom: matplotlib is slow to import)
