@@ -3,7 +3,7 @@
 # the host needs the NVIDIA driver and container toolkit (`docker run --gpus all`).
 # BASE: any Debian bookworm with python3 and its venv module. Where no registry is reachable,
 # `make docker-smoke` builds one from Debian's packages with debootstrap and passes it here.
-ARG BASE=python:3.11-slim-bookworm
+ARG BASE=python:3.11.7-slim-bookworm
 FROM ${BASE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -54,6 +54,6 @@ EXPOSE 8000
 
 # PORT (and HOST) from the environment, as Cloud Run and others set it; 8000 by default.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen(f\"http://127.0.0.1:{os.environ['PORT']}/health\", timeout=4).status == 200 else 1)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; h = os.environ['HOST']; h = '127.0.0.1' if h in ('0.0.0.0', '::') else h; sys.exit(0 if urllib.request.urlopen(f\"http://{h}:{os.environ['PORT']}/health\", timeout=4).status == 200 else 1)"]
 
 CMD ["sh", "-c", "exec uvicorn webhook_handler:app --host \"$HOST\" --port \"$PORT\""]

@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from core import errors
-from core.errors import Forbidden, NotFound, Unauthorized
+from core.errors import Forbidden, NotFound, TooLarge, Unauthorized
 from core.resources import RunnerDep, StoreDep
 from core.schemas import COMMUNITY_ID_PATTERN, JobStatus, events_page, job_or_404, job_view, jobs_page
 from core.settings import Settings
@@ -63,7 +63,8 @@ def session_nonce(token: str, cookie: str | None, now: float | None = None) -> s
     if len(parts) != 3 or not parts[0].isdigit():
         return None
     expires, nonce, mac = parts
-    if not hmac.compare_digest(_mac(token, f"{expires}.{nonce}"), mac):
+    # bytes: a header is latin-1 text, and compare_digest refuses non-ASCII str
+    if not hmac.compare_digest(_mac(token, f"{expires}.{nonce}").encode(), mac.encode("latin-1")):
         return None
     if int(expires) < (time.time() if now is None else now):
         return None
@@ -83,28 +84,36 @@ def _token(request: Request) -> str:
 
 
 def _same_origin(request: Request) -> None:
-    """A browser sends Origin on a POST: it must be this service's own (behind a proxy, its Host)."""
+    """A browser sends Origin on a POST: it must be this service's own: the Host it was sent to,
+    the first X-Forwarded-Host a proxy set, or DPO_PUBLIC_BASE_URL's host."""
     origin = request.headers.get("origin")
     if origin is None:
         return
-    host = request.headers.get("x-forwarded-host") or request.headers.get("host", "")
-    if urlsplit(origin).netloc != host:
+    public = request.app.state.settings.public_base_url
+    ours = {
+        request.headers.get("host", ""),
+        request.headers.get("x-forwarded-host", "").split(",")[0].strip(),
+        urlsplit(public).netloc if public else "",
+    } - {""}
+    if urlsplit(origin).netloc not in ours:
         raise Forbidden(errors.CROSS_ORIGIN)
 
 
-def session(request: Request) -> str:
-    """The session's nonce; 401 without a valid session cookie."""
+def session(request: Request, response: Response) -> str:
+    """The session's nonce; 401 without a valid session cookie. What a session reads is not
+    cached by the browser or a proxy."""
     nonce = session_nonce(_token(request), request.cookies.get(COOKIE))
     if nonce is None:
         raise Unauthorized(errors.LOGIN_REQUIRED)
+    response.headers["Cache-Control"] = "no-store"
     return nonce
 
 
 def changing_session(request: Request, nonce: Annotated[str, Depends(session)]) -> str:
     """A session allowed to change something: same origin and the session's CSRF token."""
     _same_origin(request)
-    given = request.headers.get(CSRF_HEADER, "")
-    if not hmac.compare_digest(given, csrf_token(_token(request), nonce)):
+    given = request.headers.get(CSRF_HEADER, "").encode("latin-1")
+    if not hmac.compare_digest(given, csrf_token(_token(request), nonce).encode()):
         raise Forbidden(errors.BAD_CSRF)
     return nonce
 
@@ -144,8 +153,12 @@ async def login(request: Request):
     """A form post with the token; a session cookie and back to /ui, or /ui?login=failed."""
     _same_origin(request)
     token, settings = _token(request), request.app.state.settings
-    body = await request.body()
-    given = parse_qs(body[:MAX_LOGIN_BYTES].decode("utf-8", "replace")).get("token", [""])[0]
+    body = b""
+    async for chunk in request.stream():  # the gate lets /ui through unread: bound it here
+        body += chunk
+        if len(body) > MAX_LOGIN_BYTES:
+            raise TooLarge(f"a login form is at most {MAX_LOGIN_BYTES} bytes")
+    given = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
     if not hmac.compare_digest(given.encode(), token.encode()):
         return RedirectResponse(f"{PREFIX}?login=failed", status_code=303)
     response = RedirectResponse(PREFIX, status_code=303)

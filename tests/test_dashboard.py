@@ -113,6 +113,35 @@ def test_the_dashboard_api_needs_a_session_and_changes_need_the_csrf_token(serve
     assert browser.get("/ui/api/jobs").status_code == 401
 
 
+def test_hostile_logins_and_cookies_get_clear_answers_not_crashes(server):
+    anonymous = httpx.Client(base_url=server.url)
+
+    def chunks():  # no Content-Length: the gate cannot refuse it up front
+        yield b"token="
+        for _ in range(64):
+            yield b"x" * 1024
+
+    too_big = anonymous.post(
+        "/ui/login", content=chunks(), headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large"
+    odd = {"Cookie": f"{COOKIE}=1.a.".encode() + b"\xe9"}  # not ASCII: treated as no session
+    assert anonymous.get("/ui/api/jobs", headers=odd).status_code == 401
+    assert anonymous.get("/ui", headers=odd).status_code == 200
+
+    browser = logged_in(server)
+    answer = browser.get("/ui/api/jobs")
+    assert answer.headers["cache-control"] == "no-store"
+    csrf = csrf_token(TOKEN, session_nonce(TOKEN, browser.cookies[COOKIE]))
+    assert browser.post("/ui/logout", headers={"X-CSRF-Token": b"\xe9" * 64}).status_code == 403
+    behind_a_proxy = {  # the browser's origin is the proxy's name, which the proxy forwarded first
+        "X-CSRF-Token": csrf,
+        "Origin": "https://dpo.example.com",
+        "X-Forwarded-Host": "dpo.example.com, internal:8000",
+    }
+    assert browser.post("/ui/logout", headers=behind_a_proxy).status_code == 204
+
+
 # -- in a real browser ---------------------------------------------------------------------------
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 NO_BROWSER = "needs Debian's chromium and chromium-driver: `apt-get install chromium chromium-driver` (.ci/run does)"
@@ -148,13 +177,28 @@ def chrome(tmp_path):
 
 
 def until(condition, timeout_s: float = 60, what: str = "condition"):
+    """condition()'s first true value; an element the page re-rendered meanwhile (the list
+    refreshes every few seconds), or one not there yet, counts as not yet."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None
         if value:
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def click_row(driver, job_id: str) -> None:
+    until(lambda: driver.find_element("css selector", f'tr[data-job="{job_id}"]').click() or True, what="a row")
+
+
+def listed(driver) -> list[str]:
+    return driver.execute_script("return [...document.querySelectorAll('#jobs tr')].map(r => r.dataset.job)")
 
 
 def text_of(driver, element_id: str) -> str:
@@ -170,11 +214,11 @@ def test_in_a_browser_log_in_follow_a_job_see_curves_and_cancel(server, chrome, 
     chrome.get(server.url + "/ui")
     chrome.find_element("id", "token").send_keys(TOKEN)
     chrome.find_element("id", "login").click()
-    until(lambda: chrome.find_elements("css selector", f'tr[data-job="{running}"]'), what="the jobs list")
+    until(lambda: running in listed(chrome), what="the jobs list")
     assert not chrome.execute_script("return document.cookie")  # the session cookie is HttpOnly
 
     # the finished job: its curves (a training line and held-out points) and its artifact files
-    chrome.find_element("css selector", f'tr[data-job="{finished}"]').click()
+    click_row(chrome, finished)
     until(lambda: text_of(chrome, "job-status") == "SUCCEEDED", what="the finished job")
     points = until(
         lambda: chrome.execute_script(
@@ -191,7 +235,7 @@ def test_in_a_browser_log_in_follow_a_job_see_curves_and_cancel(server, chrome, 
     chrome.save_screenshot(str(tmp_path / "finished-job.png"))
 
     # the running job: its progress moves while the page is open
-    chrome.find_element("css selector", f'tr[data-job="{running}"]').click()
+    click_row(chrome, running)
     until(lambda: text_of(chrome, "job-status") == "RUNNING", what="the running job")
 
     def step() -> int:
@@ -213,7 +257,4 @@ def test_in_a_browser_log_in_follow_a_job_see_curves_and_cancel(server, chrome, 
     # the filter narrows the list
     chrome.find_element("id", "filter-community").send_keys("dash-done")
     chrome.find_element("css selector", "#filters button").click()
-    until(
-        lambda: [r.get_attribute("data-job") for r in chrome.find_elements("css selector", "#jobs tr")] == [finished],
-        what="the filtered list",
-    )
+    until(lambda: listed(chrome) == [finished], what="the filtered list")

@@ -80,14 +80,16 @@ docker build --network host --label "$label" --build-arg "BASE=$base" "${find_li
 secret=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 name="dpo-smoke-$$"
-docker run -d --rm --network host --label "$label" --name "$name" \
+docker run -d --network host --label "$label" --name "$name" \
     -e HOST=127.0.0.1 -e PORT="$port" -e DPO_WEBHOOK_SECRET="$secret" "$image" >/dev/null
 echo "docker-smoke: waiting for the container's health check..."
 status=starting
 for _ in $(seq 1 60); do
-    status=$(docker inspect -f '{{.State.Health.Status}}' "$name" 2>/dev/null || echo missing)
+    status=$(docker inspect -f '{{.State.Health.Status}}' "$name")
     [ "$status" = healthy ] && break
-    [ "$status" = missing ] && { echo "docker-smoke: the container exited"; exit 1; }
+    [ "$(docker inspect -f '{{.State.Running}}' "$name")" = true ] || {
+        echo "docker-smoke: the container exited:"; docker logs "$name" 2>&1 | tail -40; exit 1
+    }
     sleep 5
 done
 [ "$status" = healthy ] || { echo "docker-smoke: container not healthy: $status"; docker logs "$name" | tail -40; exit 1; }
