@@ -59,8 +59,12 @@ validate-structure: setup ## Import every package and compose every model x loss
 
 ## -- quality ----------------------------------------------------------------------------------
 .PHONY: test
-test: setup ## Run the whole test suite (CPU; slow and emulator tests included)
-	$(PY) -m pytest
+# Two workers, one torch thread each (OMP_NUM_THREADS reaches the servers and trainers the tests
+# start): most tests wait on servers, subprocesses and emulators, so two share 2 cores well;
+# loadfile keeps a module's tests (and its module-scoped server) on one worker.
+TEST_WORKERS ?= 2
+test: setup ## Run the whole test suite (CPU; slow and emulator tests included; TEST_WORKERS=2)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: test-api
 test-api: setup ## Only the HTTP API tests (real uvicorn servers on loopback)

@@ -13,6 +13,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# `make test` runs two pytest workers on a 2-core machine: one torch thread each, or their
+# thread pools fight over the cores (OMP_NUM_THREADS=1 does the same for the servers they start)
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +40,7 @@ def make_cfg(loss: str = "dpo", lora: bool = False, **values):
     base = {
         "output_dir": "unset",
         "train.epochs": 2,
-        "train.threads": 2,
+        "train.threads": THREADS,
         "train.plot": True,
         "model.lora.enabled": lora,
     }
