@@ -14,7 +14,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -42,7 +42,7 @@ from core.gate import VERIFIED, Gate
 from core.job_config import job_training_config
 from core.logs import configure_logging
 from core.metrics import Metrics
-from core.resources import Resources, ResourcesDep, RunnerDep, SettingsDep, StoreDep
+from core.resources import Cursor, JobId, Resources, ResourcesDep, RunnerDep, SettingsDep, StoreDep
 from core.runner import Runner
 from core.schemas import (
     COMMUNITY_ID_PATTERN,
@@ -64,7 +64,6 @@ from core.schemas import (
 from core.settings import Settings, get_settings
 from core.store import (
     FINAL,
-    JOB_ID_PATTERN,
     ActiveJobConflict,
     IdempotencyConflict,
     Job,
@@ -103,7 +102,6 @@ async def require_signature(request: Request, _header: Annotated[str | None, Sec
 
 
 Signed = Annotated[bytes, Depends(require_signature)]
-JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="32 hex characters")]
 
 
 async def check_records(name: str, records: list, settings: Settings) -> None:
@@ -281,9 +279,7 @@ def list_jobs(
     communityId: Annotated[str | None, Query(pattern=COMMUNITY_ID_PATTERN)] = None,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[
-        str | None, Query(pattern=r"^[0-9a-f]{1,32}$", description="next_cursor of the previous page")
-    ] = None,
+    cursor: Cursor = None,
 ):
     return jobs_page(store, communityId, status, limit, cursor)
 

@@ -14,6 +14,7 @@ The gate (core/gate.py) lets /ui through unsigned; this module checks the sessio
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import html
@@ -23,16 +24,15 @@ from pathlib import Path as FilePath
 from typing import Annotated
 from urllib.parse import parse_qs, urlsplit
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from core import errors
 from core.errors import Forbidden, NotFound, TooLarge, Unauthorized
-from core.resources import RunnerDep, StoreDep
+from core.resources import Cursor, JobId, RunnerDep, StoreDep
 from core.schemas import COMMUNITY_ID_PATTERN, JobStatus, events_page, job_or_404, job_view, jobs_page
 from core.settings import Settings
-from core.store import JOB_ID_PATTERN
 
 PREFIX = "/ui"
 COOKIE = "dpo_dashboard"
@@ -120,15 +120,19 @@ def changing_session(request: Request, nonce: Annotated[str, Depends(session)]) 
 
 Session = Annotated[str, Depends(session)]
 ChangingSession = Annotated[str, Depends(changing_session)]
-JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN)]
 
 
 # -- pages ------------------------------------------------------------------------------------
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 
+@functools.cache
+def _template(name: str) -> str:
+    return (PAGES / name).read_text()
+
+
 def _page(name: str, **values: str) -> HTMLResponse:
-    text = (PAGES / name).read_text()
+    text = _template(name)
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", html.escape(value))
     headers = {  # the page loads only its own files and talks only to this service
@@ -188,7 +192,7 @@ def list_jobs(
     store: StoreDep,
     community: Annotated[str | None, Query(pattern=COMMUNITY_ID_PATTERN)] = None,
     status: JobStatus | None = None,
-    cursor: Annotated[str | None, Query(pattern=r"^[0-9a-f]{1,32}$")] = None,
+    cursor: Cursor = None,
 ):
     return jobs_page(store, community, status, 50, cursor)
 

@@ -5,13 +5,11 @@ the trigger (not a failed job later) and a queued job keeps its choice if the en
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
-
 from core.errors import Invalid
 from core.gpus import gpu_ids
 from core.schemas import TrainOverrides
 from core.settings import Settings
-from training.config import available, compose_config
+from training.config import available, compose_config, run_values
 
 CUSTOM = "custom"  # the preset whose settings an allow-listed hub id or local path trains with
 
@@ -33,7 +31,7 @@ def resolve_model(name: str | None, settings: Settings) -> tuple[str, str | None
 
 def job_training_config(overrides: TrainOverrides | None, settings: Settings) -> dict:
     """{"model": preset, "loss": name, "values": dotted keys -> values, "gpus": n} for compose_config
-    and the runner."""
+    and the runner, and "hyperparameters": the full effective config the job view shows."""
     preset, name_or_path = resolve_model(overrides.model if overrides else None, settings)
     loss = (overrides.loss if overrides else None) or settings.default_loss
     values = overrides.config_values() if overrides else {}
@@ -59,26 +57,14 @@ def job_training_config(overrides: TrainOverrides | None, settings: Settings) ->
             )
     elif "data.max_length" in values and prompt > length // 2:
         values["data.max_prompt_length"] = length // 2  # a shorter sequence than the preset's: keep room for answers
-    cfg = compose_config(preset, loss, {"output_dir": "unset", **values})  # with the prompt limit above
+        cfg.data.max_prompt_length = length // 2
     return {
         "model": preset,
         "loss": loss,
         "values": values,
         "gpus": job_gpus(overrides, settings),
-        "hyperparameters": hyperparameters(cfg),
+        "hyperparameters": run_values(cfg),  # the full effective training config GET /jobs shows
     }
-
-
-def hyperparameters(cfg) -> dict:
-    """The job's effective training config, every value resolved (what GET /jobs shows): the
-    preset's values with the caller's on top, without where the runner puts files."""
-    values = OmegaConf.to_container(cfg, resolve=True)
-    values.pop("output_dir", None)
-    for key in ("path", "validation_path"):
-        values["data"].pop(key, None)
-    for key in ("checkpoint_dir", "checkpoint_every", "threads"):
-        values["train"].pop(key, None)
-    return values
 
 
 def job_gpus(overrides: TrainOverrides | None, settings: Settings) -> int:

@@ -189,7 +189,7 @@ class SqliteJobStore:
                     new.community_id,
                     now,
                     new.source,
-                    None if stored_data(new) is None else json.dumps(stored_data(new)),
+                    None if (stored := stored_data(new)) is None else json.dumps(stored),
                     None if new.dataset is None else len(new.dataset),
                     json.dumps(new.config),
                     new.callback_url,

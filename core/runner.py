@@ -438,10 +438,7 @@ class Runner:
             records, ids = self.source.fetch(community, since=since, limit=limit)
             if validation is None:  # the community's own held-out set, when its source keeps one
                 validation = self._source_validation(community, cap)
-        if len(records) > self.settings.max_records:
-            raise SourceError(f"{len(records)} records, more than DPO_MAX_RECORDS ({self.settings.max_records})")
-        # bad data fails here, in either mode, naming the record (or document)
-        pairs, _ = normalise_records(records, ids=ids, max_chars=self.settings.max_field_chars)
+        pairs = self._checked(records, ids)
         data = {"records": len(records), "pairs": len(pairs)}
         self._note(job_id, "data", data if validation is None else {**data, "validation_records": len(validation)})
         resolved = job.config  # model, loss and values resolved at the trigger
@@ -493,12 +490,16 @@ class Runner:
         if found is None:
             return None
         records, ids = found
-        if len(records) > self.settings.max_records:
-            raise SourceError(
-                f"validation: {len(records)} records, more than DPO_MAX_RECORDS ({self.settings.max_records})"
-            )
-        normalise_records(records, ids=ids, max_chars=self.settings.max_field_chars)
+        self._checked(records, ids, "validation: ")
         return records
+
+    def _checked(self, records: list, ids: list[str] | None, what: str = "") -> list:
+        """The records' pairs; bad data fails here, in either trainer path, naming the record (or
+        document), and so does a set over DPO_MAX_RECORDS."""
+        if len(records) > self.settings.max_records:
+            raise SourceError(f"{what}{len(records)} records, more than DPO_MAX_RECORDS ({self.settings.max_records})")
+        pairs, _ = normalise_records(records, ids=ids, max_chars=self.settings.max_field_chars)
+        return pairs
 
     def _train(self, job_id: str, cfg, records, ids, validation, work: Path, held: list[str]) -> dict:
         """Train in this process, or in a subprocess: a multi-GPU job, DPO_RUNNER_MODE=subprocess,

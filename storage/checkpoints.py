@@ -15,9 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
+from training.checkpoint_files import ID, NAME, STATE
+
 log = logging.getLogger(__name__)
-STATE_FILE = Path("checkpoint") / "state.pt"  # inside a job's checkpoint directory (training/checkpoint.py)
-ID = "id"  # training/checkpoint.py writes a fresh one into each checkpoint (not imported: it brings torch)
+STATE_FILE = Path(NAME) / STATE  # inside a job's checkpoint directory
 
 
 class LocalCheckpoints:

@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,11 +27,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from training.checkpoint_files import ID, NAME, STATE, WEIGHTS
+from training.config import run_values
 from training.distributed import Ranks, barrier
 
-NAME = "checkpoint"
-WEIGHTS = "weights"  # the DCP directory inside a checkpoint: the trainable weights and the optimizer state
-ID = "id"  # a fresh id in each checkpoint written
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)  # LoRA: the adapter only, not the frozen base
 _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen base is not in it
 # DCP says so on every save and load in a process that is not one of several; that is intended here
@@ -43,13 +41,9 @@ def run_fingerprint(cfg, examples, layout: dict) -> str:
     """What a checkpoint is only valid for: the resolved training config (minus where data,
     checkpoints and outputs are), the tokenized data's shape and the batch layout. A resume under anything else
     (a deploy that changed a preset, other data) would mix two runs."""
-    values = OmegaConf.to_container(cfg, resolve=True)
-    values.pop("output_dir", None)
+    values = run_values(cfg)  # without the data files: the data's shape is below
     values["model"].pop("merge", None)  # what is saved at the end, not how training runs
-    for key in ("path", "validation_path"):  # the CLI's files, or none in the service: the data's shape is below
-        values["data"].pop(key, None)
-    for key in ("checkpoint_dir", "checkpoint_every", "threads", "device"):  # a resume may be on another GPU
-        values["train"].pop(key, None)
+    values["train"].pop("device", None)  # a resume may be on another GPU
     shape = [len(examples), sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)]
     text = json.dumps({"config": values, "data": shape, "layout": layout.get("layout")}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -92,8 +86,8 @@ def save_checkpoint(
         run["optimizer"] = optimizer.state_dict()
         run["format"] = "torch"
     if ranks.main:
-        torch.save(run, staging / "state.pt")
-        (staging / ID).write_text(uuid.uuid4().hex)  # a copier checks it did not change under it
+        torch.save(run, staging / STATE)
+        (staging / ID).write_text(uuid.uuid4().hex)
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
@@ -111,7 +105,7 @@ def uses_dcp(optimizer) -> bool:
 
 def load_checkpoint(directory: Path | None) -> dict | None:
     """The run state of the checkpoint in `directory` (without the weights: restore_training_state)."""
-    path = None if directory is None else Path(directory) / NAME / "state.pt"
+    path = None if directory is None else Path(directory) / NAME / STATE
     if path is None or not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)

@@ -19,6 +19,19 @@ _compose_lock = threading.Lock()  # Hydra's global state is not thread-safe
 OmegaConf.register_new_resolver("lr_for_mode", lambda lora, full, lora_rate: lora_rate if lora else full, replace=True)
 
 
+def run_values(cfg: DictConfig) -> dict:
+    """The composed config as plain values, interpolations resolved, without where a run keeps
+    its files (output_dir, the data files, the checkpoint directory and cadence, threads): what
+    a job shows as its hyperparameters and what a checkpoint's fingerprint compares."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("output_dir", None)
+    for key in ("path", "validation_path"):
+        values["data"].pop(key, None)
+    for key in ("checkpoint_dir", "checkpoint_every", "threads"):
+        values["train"].pop(key, None)
+    return values
+
+
 def available(group: str) -> list[str]:
     """Names of the options of a config group, e.g. available("model") -> ["tiny", ...]."""
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
