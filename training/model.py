@@ -9,6 +9,9 @@ import torch
 
 from training.config import resolve_path
 from training.precision import declared_dtype, load_dtype
+from training.real_model import DEFAULT_PATH as REAL_PATH
+from training.real_model import ensure_real_model
+from training.tiny_model import DEFAULT_PATH as TINY_PATH
 from training.tiny_model import ensure_tiny_model
 
 
@@ -18,13 +21,41 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Models a preset builds locally (`model.build`), each only at its preset's own path: a mistyped
+# path must be an error, never a freshly built model trained in its place.
+BUILDERS = {
+    "tiny": (TINY_PATH, ensure_tiny_model),
+    "smollm2": (REAL_PATH, ensure_real_model),
+}
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("org/name"): absolute, relative with ./ ../ ~, or deeper."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def model_path(model_cfg) -> str:
-    """A local path (built if it is the tiny model) or a hub id passed through as is."""
-    name = model_cfg.name_or_path
-    if model_cfg.get("build") == "tiny":
-        return str(ensure_tiny_model(resolve_path(name)))
+    """A local model directory (built first for a preset that builds its own) or a hub id passed
+    through as is. A path that holds no model is an error naming it."""
+    name = str(model_cfg.name_or_path)
     local = resolve_path(name)
-    return str(local) if local.exists() else name
+    build = model_cfg.get("build")
+    if build is not None:
+        if build not in BUILDERS:
+            raise ValueError(f"model.build: expected one of {sorted(BUILDERS)} or null, got {build!r}")
+        own_path, ensure = BUILDERS[build]
+        if local != resolve_path(own_path):
+            raise ValueError(
+                f"model.name_or_path={name}: this preset builds its model only at {own_path}; to train the model"
+                f" at {name} use model=custom model.name_or_path={name}"
+            )
+        return str(ensure(local))
+    if local.is_dir() and (local / "config.json").is_file():
+        return str(local)
+    if local.exists() or looks_like_path(name):
+        what = "is not a model directory (no config.json)" if local.exists() else "does not exist"
+        raise ValueError(f"model.name_or_path={name}: {local} {what}")
+    return name  # a hub id: from_pretrained fetches it (or finds it in the HF cache)
 
 
 def _quiet_transformers() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+DEFAULT_PATH = ".cache/models/tiny-llama"  # config/model/tiny.yaml's path
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 
 # A chat template so chat records exercise the template path; <|end|> closes each turn.
