@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -18,6 +19,7 @@ def save_metrics(path: Path, state, extra: dict) -> dict:
         "history": state.history,
         "evals": state.evals,
         "layout": state.layout,
+        "samples": len(state.samples),  # greedy answers to held-out prompts in samples.jsonl
         **extra,
     }
     path.write_text(json.dumps(metrics, indent=2))
@@ -55,13 +57,22 @@ def save_plot(path: Path, history: list[dict], evals: list[dict]) -> None:
 MERGED = "merged"  # a LoRA job's adapter merged into its base, next to the adapter
 
 
-def save_merged(directory: Path, policy, tokenizer, weights_dtype) -> None:
-    """The LoRA adapter folded into the base weights (PEFT's merge_and_unload), saved as a plain
-    model in the base's dtype: what vLLM or TGI serve without PEFT. Training is over: the policy
-    is merged in place."""
-    merged = policy.merge_and_unload()
+def save_merged(directory: Path, adapter_dir: Path, base_path: str, tokenizer, weights_dtype, trust: bool) -> None:
+    """The saved LoRA adapter folded into the base weights (PEFT's merge_and_unload), saved as a
+    plain model in the base's own dtype: what vLLM or TGI serve without PEFT.
+
+    The merge runs in fp32 on a base reloaded from its source (on the CPU), never into the bf16
+    copy a bf16-mixed job trained over: a LoRA delta is often below half a bf16 unit of the weight
+    it is added to, and adding it in bf16 rounds most of it away (plan/decisions.md D34)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.to(weights_dtype).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    del base, merged
 
 
 def save_run(output_dir: Path, policy, tokenizer, cfg, state, extra: dict, weights_dtype, weights=None) -> dict:
@@ -79,15 +90,47 @@ def save_run(output_dir: Path, policy, tokenizer, cfg, state, extra: dict, weigh
             policy.to(weights_dtype)  # training is over: the master copy is no longer needed
         policy.save_pretrained(output_dir, safe_serialization=True)  # full model, or only the LoRA adapter
         if cfg.model.merge:
-            save_merged(output_dir / MERGED, policy, tokenizer, weights_dtype)
+            base = str(extra["model"]["name_or_path"])
+            save_merged(output_dir / MERGED, output_dir, base, tokenizer, weights_dtype, cfg.model.trust_remote_code)
     tokenizer.save_pretrained(output_dir)
     (output_dir / "training_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     metrics = save_metrics(output_dir / "metrics.json", state, extra)
+    if state.samples:
+        save_samples(output_dir / SAMPLES, state.samples, cfg.eval.contains)
     if cfg.train.plot and state.history:
         save_plot(output_dir / "training_curves.png", state.history, state.evals)
     save_tensorboard(output_dir / "tensorboard", state.history, state.evals)
-    save_model_card(output_dir / "README.md", cfg, metrics)
+    save_model_card(output_dir / "README.md", cfg, metrics, state.samples)
     return metrics
+
+
+SAMPLES = "samples.jsonl"
+
+
+def save_samples(path: Path, samples: list[dict], contains: str | None) -> None:
+    """One line a held-out prompt: the prompt, the answer before training and after; with
+    eval.contains, whether each shows the preferred behaviour."""
+    pattern = re.compile(contains) if contains else None
+    with path.open("w", encoding="utf-8") as out:
+        for sample in samples:
+            line = dict(sample)
+            if pattern is not None:
+                for phase in ("before", "after"):
+                    if line.get(phase) is not None:
+                        line[f"matches_{phase}"] = bool(pattern.search(line[phase]))
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def samples_table(samples: list[dict], rows: int = 8, width: int = 160) -> str:
+    """The first `rows` samples as a Markdown table, each cell cut to `width` characters."""
+
+    def cell(text) -> str:
+        text = "" if text is None else " ".join(str(text).split())
+        text = text if len(text) <= width else text[: width - 1] + "…"
+        return text.replace("|", "\\|")
+
+    lines = [f"| {cell(s['prompt'])} | {cell(s.get('before'))} | {cell(s.get('after'))} |" for s in samples[:rows]]
+    return "| prompt | before training | after |\n|---|---|---|\n" + "\n".join(lines)
 
 
 TENSORBOARD_SCALARS = (
@@ -117,7 +160,7 @@ def save_tensorboard(log_dir: Path, history: list[dict], evals: list[dict]) -> N
                     writer.add_scalar(name, value, entry["step"])
 
 
-def save_model_card(path: Path, cfg, metrics: dict) -> None:
+def save_model_card(path: Path, cfg, metrics: dict, samples: list[dict] | None = None) -> None:
     """A HuggingFace model card: the metadata the Hub and serving tools read (base model,
     library, tags), then what was trained, how, on how much data, and how it scored held out."""
     from huggingface_hub import ModelCardData
@@ -160,6 +203,17 @@ def save_model_card(path: Path, cfg, metrics: dict) -> None:
         if lora
         else 'AutoModelForCausalLM.from_pretrained("<this folder>")'
     )
+    answers = "No answers were generated (eval.samples 0, or no held-out set)."
+    if samples:
+        answers = f"Greedy answers (at most {cfg.eval.max_new_tokens} new tokens) to held-out prompts; all {len(samples)} in `samples.jsonl`.\n\n"
+        answers += samples_table(samples)
+        share_after, share_before = final.get("eval/contains_share"), final.get("eval/contains_share_before")
+        if share_after is not None:
+            before = "?" if share_before is None else f"{share_before:.2f}"
+            answers += (
+                f"\n\nShare of these answers matching `{cfg.eval.contains}` (eval.contains): {before} before"
+                f" training, {share_after:.2f} after."
+            )
     merged_note = "\n`merged/`: the adapter merged into the base, a plain model." if cfg.model.merge else ""
     body = f"""# {Path(str(model["name_or_path"])).name}, fine-tuned with {cfg.loss.name.upper()}
 
@@ -176,6 +230,10 @@ Preference fine-tuning ({"a LoRA adapter" if lora else "full weights"}, saved as
 ## Held-out preference pairs
 
 {held_out}
+
+## What it answers
+
+{answers}
 
 Curves: {"`training_curves.png` and " if cfg.train.plot else ""}`tensorboard/`; every step and evaluation:
 `metrics.json`; the full config: `training_config.yaml`.{merged_note}

@@ -68,6 +68,7 @@ def save_checkpoint(
         "step": state.step,
         "history": state.history,
         "evals": state.evals,
+        "samples": state.samples,  # the baseline's answers: generated once, before the first step
         "fingerprint": fingerprint,
         "precomputed": None if precomputed is None else [t.detach().cpu() for t in precomputed],
     }

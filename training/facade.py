@@ -17,10 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from training import distributed
 from training.artifacts import save_run
+from training.generation import Sampler, prompt_text
 from training.loop import ProgressFn, StopFn, train_policy
 from training.memory import check_memory
 from training.model import load_policy, load_tokenizer, model_path, set_threads
-from training.precision import check_precision
+from training.precision import resolve_auto
 from training.records import normalise_records
 from training.tokenize import tokenize_pairs
 
@@ -57,6 +58,7 @@ def run_training(
     if missing:
         raise ValueError(f"config values required but missing: {', '.join(missing)}")
     check_merge(cfg.model)
+    sampler = Sampler.from_config(cfg.eval)  # None with eval.samples 0; a bad eval config fails here
     data = cfg.data
     pairs, skipped = normalise_records(records, ids=record_ids, skip_invalid=data.skip_invalid)
     for err in skipped:
@@ -69,7 +71,7 @@ def run_training(
     set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     ranks, device = distributed.init(cfg.train.device)  # under torchrun: this rank's device, in the job's group
-    check_precision(cfg.train.precision)
+    cfg = resolve_auto(cfg, device)  # precision and checkpointing `auto`: for this device, once
     sharded = distributed.shards_model(cfg.model.lora.enabled, ranks)  # FSDP2: each rank holds 1/N
     estimate = check_memory(
         cfg, model_path(cfg.model), device, ranks.world if sharded else 1
@@ -77,13 +79,15 @@ def run_training(
     # a sharded model is loaded on the CPU; FSDP2 moves each rank's shards to its device
     policy, path, source_dtype = load_policy(cfg.model, cfg.train.precision, torch.device("cpu") if sharded else device)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-    examples = tokenize_pairs(tokenizer, pairs, data.max_length, data.max_prompt_length, data.truncation_mode)
-    eval_examples = None
-    if held_out is not None:
-        eval_examples = tokenize_pairs(
-            tokenizer, held_out, data.max_length, data.max_prompt_length, data.truncation_mode
-        )
-    state = train_policy(policy, examples, tokenizer.pad_token_id, cfg, on_progress, should_stop, eval_examples)
+    lengths = (data.max_length, data.max_prompt_length, data.truncation_mode, data.chat_template)
+    examples = tokenize_pairs(tokenizer, pairs, *lengths)
+    eval_examples = None if held_out is None else tokenize_pairs(tokenizer, held_out, *lengths)
+    if sampler is not None:  # the loop's example indices: the training pairs, then a validation set's
+        sampler.tokenizer = tokenizer
+        sampler.shown = [prompt_text(p) for p in [*pairs, *(held_out or [])]]
+    state = train_policy(
+        policy, examples, tokenizer.pad_token_id, cfg, on_progress, should_stop, eval_examples, sampler
+    )
 
     out = Path(cfg.output_dir)
     weights = distributed.full_state_dict(policy, ranks)  # sharded: gathered on rank 0 (every rank takes part)
@@ -100,6 +104,7 @@ def run_training(
             "name_or_path": path,
             "lora": bool(cfg.model.lora.enabled),
             "precision": cfg.train.precision,
+            "gradient_checkpointing": bool(cfg.train.gradient_checkpointing),
             "saved_dtype": "float32" if cfg.model.lora.enabled else str(source_dtype).removeprefix("torch."),
         },
         "memory_estimate_gib": estimate.as_dict() if estimate else None,

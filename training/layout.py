@@ -6,9 +6,14 @@ every decoder family people fine-tune; two families give different log-probs (te
 and any model with a sliding window shorter than a shared row would too. So each job:
 
 1. refuses the shared layout up front for a known family or a too-short sliding window, and
-2. otherwise compares both layouts on one batch of its own data, on the actual model in the job's
-   compute precision (one extra forward pass each, no gradients), token by token, and uses
-   separate rows on a mismatch.
+2. otherwise compares both layouts on one batch of its own data, on the actual model (one extra
+   forward pass each, no gradients), token by token, and uses separate rows on a mismatch.
+   What is compared is what differs between the layouts, not precision noise: a model whose
+   weights are fp32 (any full fine-tune, bf16-mixed included) is compared in fp32, without
+   autocast; a model with bf16 weights (a LoRA base under bf16-mixed) is compared in its own
+   precision, against the noise that precision alone makes (the same separate rows batched
+   together and one pair a pass), since bf16 rounding differs with the batch's shape by as much
+   as a layout mismatch would (0.25 nats a token on SmolLM2-135M, plan/decisions.md D35).
 
 Either way the choice and its reason are reported (an event, and metrics.json "layout").
 """
@@ -32,6 +37,7 @@ SEPARATE_ROWS_FAMILIES = {"gemma2"}
 # (autocast, or a bf16 LoRA base) rounds each layout's activations differently (6e-4 measured on
 # a 0.5B model, plan/performance.md).
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+NOISE_FACTOR = 2.0  # low-precision weights: the layouts may differ by this many times the rounding noise
 CHECK_PAIRS = 4  # at most this many of the longest pairs: the likeliest to expose a window or position problem
 CHECK_TOKENS = 2048  # at most this many tokens in the check's separate rows (their full-vocabulary logits)
 
@@ -69,21 +75,38 @@ def known_reason(model, longest_row: int) -> str | None:
 
 
 @torch.no_grad()
-def layout_difference(model, examples: list[TokenizedPair], pad_id: int, forward=contextlib.nullcontext) -> float:
-    """Largest difference (nats) of one response token's log-prob between the two layouts, both
-    run in the job's compute context `forward` (e.g. bf16 autocast)."""
+def _token_logps(model, examples: list[TokenizedPair], pad_id: int, collate_fn, forward) -> torch.Tensor:
+    """Every response token's log-prob of `examples` in one layout, chosen sequences then rejected."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        results = []
-        for collate_fn in (collate, collate_shared_prefix):
-            batch = {k: v.to(device) for k, v in collate_fn(examples, pad_id).items()}
-            with forward():
-                results.append(token_logps(model, batch))
+        batch = {k: v.to(device) for k, v in collate_fn(examples, pad_id).items()}
+        with forward():
+            return token_logps(model, batch)
     finally:
         model.train(was_training)
-    return (results[0] - results[1]).abs().max().item()
+
+
+def layout_difference(model, examples: list[TokenizedPair], pad_id: int, forward=contextlib.nullcontext) -> float:
+    """Largest difference (nats) of one response token's log-prob between the two layouts, both
+    run in the compute context `forward` (e.g. bf16 autocast, or nothing: the weights' dtype)."""
+    separate = _token_logps(model, examples, pad_id, collate, forward)
+    shared = _token_logps(model, examples, pad_id, collate_shared_prefix, forward)
+    return (separate - shared).abs().max().item()
+
+
+def rounding_noise(model, examples: list[TokenizedPair], pad_id: int, forward=contextlib.nullcontext) -> float:
+    """Largest difference (nats) of one response token's log-prob between the same separate rows
+    batched together and one pair a pass: what the compute precision alone changes when only the
+    batch's shape does."""
+    batched = _token_logps(model, examples, pad_id, collate, forward)
+    chosen, rejected = [], []
+    for example in examples:
+        alone = _token_logps(model, [example], pad_id, collate, forward)
+        chosen.append(alone[: len(example.chosen_ids)])
+        rejected.append(alone[len(example.chosen_ids) :])
+    return (batched - torch.cat(chosen + rejected)).abs().max().item()
 
 
 def check_sample(examples: list[TokenizedPair], budget: int | None) -> list[TokenizedPair]:
@@ -107,22 +130,27 @@ def choose_layout(
     requested: bool,
     budget: int | None = None,
     forward=contextlib.nullcontext,
-    compute_dtype: torch.dtype | None = None,
 ) -> tuple[bool, dict]:
     """(use the shared layout?, a report for events and metrics). `budget`: tokens in one pass;
-    `forward`: the job's compute context; `compute_dtype`: the dtype it computes in (default:
-    the smallest floating dtype of the weights)."""
+    `forward`: the job's compute context, used only for a model with low-precision weights."""
     if not requested:
         return False, {"layout": "separate_rows", "reason": "train.shared_prefix is false"}
     reason = known_reason(model, max(shared_row(e) for e in examples))
     if reason is not None:
         return False, {"layout": "separate_rows", "reason": reason}
-    if compute_dtype is None:
-        floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
-        compute_dtype = min(floating, key=lambda d: torch.finfo(d).bits)
-    tolerance = TOLERANCE[compute_dtype]
-    difference = layout_difference(model, check_sample(examples, budget), pad_id, forward)
-    report = {"self_check_difference": difference, "self_check_tolerance": tolerance}
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    weights_dtype = min(floating, key=lambda d: torch.finfo(d).bits)
+    sample = check_sample(examples, budget)
+    report = {"self_check_dtype": str(weights_dtype).removeprefix("torch.")}
+    if weights_dtype == torch.float32:  # exact up to summation order: no autocast for the check
+        tolerance = TOLERANCE[torch.float32]
+        difference = layout_difference(model, sample, pad_id)
+    else:
+        noise = rounding_noise(model, sample, pad_id, forward)
+        tolerance = max(TOLERANCE[weights_dtype], NOISE_FACTOR * noise)
+        difference = layout_difference(model, sample, pad_id, forward)
+        report["self_check_noise"] = noise
+    report |= {"self_check_difference": difference, "self_check_tolerance": tolerance}
     if difference > tolerance:
         reason = (
             f"shared-prefix log-probs differ from separate rows by up to {difference:.3g} nats a token"

@@ -18,11 +18,12 @@ from training import distributed
 from training.batching import batch_tokens, check_forward_budget, collate, collate_shared_prefix
 from training.checkpoint import load_checkpoint, restore_training_state, run_fingerprint, save_checkpoint
 from training.distributed import Ranks
+from training.generation import Sampler
 from training.layout import choose_layout
 from training.logprobs import model_logps
 from training.losses import LossOutput, preference_loss
 from training.model import Reference, enable_gradient_checkpointing
-from training.precision import compute_context, compute_dtype
+from training.precision import compute_context
 from training.tokenize import TokenizedPair
 
 ProgressFn = Callable[[dict], None]
@@ -43,6 +44,7 @@ class TrainState:
     step: int = 0
     total_steps: int = 0
     layout: dict = field(default_factory=dict)  # which batch layout the job used, and why
+    samples: list[dict] = field(default_factory=list)  # greedy answers to held-out prompts: prompt, before, after
 
 
 def split_train_eval(n: int, eval_fraction: float, max_eval: int, seed: int) -> tuple[list[int], list[int]]:
@@ -328,6 +330,7 @@ class Run:
     checkpoint_dir: Path | None
     emit: ProgressFn
     eval_at: set[int]
+    sampler: Sampler | None = None  # greedy answers to held-out prompts at the baseline and the end
     start_epoch: int = 0
     skip: int = 0  # steps of start_epoch done before the checkpoint resumed from
 
@@ -336,7 +339,7 @@ class Run:
         return self.state.total_steps
 
 
-def setup_run(policy, examples: list[TokenizedPair], pad_id: int, cfg, on_progress, eval_examples) -> Run:
+def setup_run(policy, examples: list[TokenizedPair], pad_id: int, cfg, on_progress, eval_examples, sampler=None) -> Run:
     """Everything before the first step: the split, the model's placement and batch layout, the
     reference log-probs, the optimizer and schedule, and a checkpoint's state when resuming."""
     tcfg = cfg.train
@@ -360,9 +363,7 @@ def setup_run(policy, examples: list[TokenizedPair], pad_id: int, cfg, on_progre
     device = next(policy.parameters()).device
     forward = compute_context(tcfg.precision, device)
     budget = check_forward_budget(cfg.model.max_forward_tokens)
-    shared, layout = choose_layout(
-        policy, examples, pad_id, tcfg.shared_prefix, budget, forward, compute_dtype(tcfg.precision, policy)
-    )
+    shared, layout = choose_layout(policy, examples, pad_id, tcfg.shared_prefix, budget, forward)
     shared, layout = distributed.from_rank0((shared, layout), ranks)  # a close call must not split the ranks
     distributed.reshard(policy)
     emit({"kind": "layout", **layout})
@@ -403,7 +404,15 @@ def setup_run(policy, examples: list[TokenizedPair], pad_id: int, cfg, on_progre
         checkpoint_dir=checkpoint_dir,
         emit=emit,
         eval_at=eval_steps(total, tcfg.evals),  # checked even without an eval split: a bad value fails fast
+        sampler=sampler if eval_idx and not ranks.distributed else None,
     )
+    if sampler is not None and eval_idx and ranks.distributed:
+        emit(
+            {
+                "kind": "warning",
+                "message": "eval.samples: answers are not generated when a job runs on several processes",
+            }
+        )
     if resume is not None:
         restore(run, resume)
     return run
@@ -419,6 +428,7 @@ def restore(run: Run, resume: dict) -> None:
     run.generator.set_state(resume["position"]["generator_state"])
     run.start_epoch, run.skip = resume["position"]["epoch"], resume["position"]["batches_done"]
     run.state.step, run.state.history, run.state.evals = resume["step"], resume["history"], resume["evals"]
+    run.state.samples = resume.get("samples", [])
     run.emit({"kind": "resumed", "step": run.state.step, "total_steps": run.total})
 
 
@@ -485,10 +495,39 @@ def evaluate(run: Run) -> dict:
     return summarise(distributed.sum_across(sums, ranks).tolist(), prefix="eval/")
 
 
-def record_eval(run: Run) -> None:
-    """Held-out metrics now, recorded in state.evals (kept in checkpoints) and emitted."""
+def record_samples(run: Run, result: dict) -> None:
+    """At the baseline and at the end: greedy answers to the first eval.samples held-out prompts
+    (kept in state.samples, emitted), and the share showing the preferred behaviour in `result`."""
+    sampler, state = run.sampler, run.state
+    indices = run.eval_idx[: sampler.samples]
+    prompts = [run.batches.examples[i].prompt_ids for i in indices]
+    answers = sampler.answers(run.policy, prompts, run.forward)
+    phase = "after" if state.evals else "before"
+    if phase == "before":
+        state.samples = [
+            {"prompt": sampler.shown_prompt(i), "before": a} for i, a in zip(indices, answers, strict=True)
+        ]
+    else:
+        if len(state.samples) != len(answers):  # resumed from a checkpoint that kept no baseline answers
+            state.samples = [{"prompt": sampler.shown_prompt(i), "before": None} for i in indices]
+        for sample, answer in zip(state.samples, answers, strict=True):
+            sample["after"] = answer
+    share = sampler.share(answers)
+    if share is not None:
+        result["eval/contains_share"] = share
+        before = state.evals[0].get("eval/contains_share") if phase == "after" else None
+        if before is not None:
+            result["eval/contains_share_before"] = before
+    run.emit({"kind": "samples", "step": state.step, "phase": phase, "samples": state.samples})
+
+
+def record_eval(run: Run, final: bool = False) -> None:
+    """Held-out metrics now, recorded in state.evals (kept in checkpoints) and emitted; at the
+    baseline and the end (`final`) with the sampler's answers too."""
     state = run.state
     result = evaluate(run)
+    if run.sampler is not None and (final or not state.evals):
+        record_samples(run, result)
     if state.evals and state.step == run.total:  # the end: flag a job that made the held-out set worse
         result["eval/regressed"] = heldout_regressed(state.evals[0], result)
     state.evals.append({"step": state.step, **result})
@@ -522,6 +561,7 @@ def train_policy(
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     eval_examples: list[TokenizedPair] | None = None,
+    sampler: Sampler | None = None,
 ) -> TrainState:
     """Train `policy` in place on `examples` with DPO-family losses. cfg is the composed config.
     Held-out metrics come from `eval_examples` when given (all of `examples` then train), else
@@ -530,7 +570,7 @@ def train_policy(
     With train.checkpoint_dir set, a checkpoint is written every train.checkpoint_every steps and
     when should_stop() stops the run; a run started on a directory holding one resumes from it.
     """
-    run = setup_run(policy, examples, pad_id, cfg, on_progress, eval_examples)
+    run = setup_run(policy, examples, pad_id, cfg, on_progress, eval_examples, sampler)
     tcfg, state, total = cfg.train, run.state, run.total
 
     def stop() -> bool:  # every rank stops at the same step boundary, or none does
@@ -562,5 +602,5 @@ def train_policy(
             record_eval(run)
 
     if run.eval_idx:
-        record_eval(run)
+        record_eval(run, final=True)
     return state

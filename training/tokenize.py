@@ -3,11 +3,14 @@
 The prompt and each response are tokenised separately and concatenated, so the prompt tokens are
 always an exact prefix of prompt+response and the label mask is exact. Responses end their turn
 exactly once (EOS, or the template's own end), and a prompt starts with exactly one BOS.
-Chat records are rendered with the tokenizer's chat template when it has one.
+Chat records are rendered with the tokenizer's chat template when it has one; so are plain-string
+records with `chat_template="auto"` (data.chat_template's default), as one user turn and one
+assistant turn: a chat model is then trained in the format it is used in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from training.records import PreferencePair, RecordError
@@ -85,10 +88,29 @@ def truncate(
     return prompt, chosen[:room], rejected[:room]
 
 
+CHAT_TEMPLATE_MODES = ("auto", "off")
+
+
+def as_chat(tokenizer, pair: PreferencePair, chat_template: str) -> PreferencePair:
+    """A plain-string pair as one user turn answered by the assistant, when the tokenizer has a
+    chat template and data.chat_template is auto; otherwise the pair as given."""
+    if chat_template not in CHAT_TEMPLATE_MODES:
+        raise ValueError(f"data.chat_template: expected auto | off, got {chat_template!r}")
+    if pair.messages is not None or chat_template == "off" or not getattr(tokenizer, "chat_template", None):
+        return pair
+    return dataclasses.replace(pair, prompt=None, messages=(("user", pair.prompt),))
+
+
 def tokenize_pair(
-    tokenizer, pair: PreferencePair, max_length: int, max_prompt_length: int, truncation_mode: str
+    tokenizer,
+    pair: PreferencePair,
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str,
+    chat_template: str = "off",
 ) -> TokenizedPair:
     eos_id = tokenizer.eos_token_id
+    pair = as_chat(tokenizer, pair, chat_template)
     if eos_id is None:
         raise ValueError("the tokenizer has no EOS token; set one in the model's tokenizer config")
     if pair.messages is not None:
@@ -110,14 +132,22 @@ def tokenize_pair(
 
 
 def tokenize_pairs(
-    tokenizer, pairs: list[PreferencePair], max_length: int, max_prompt_length: int, truncation_mode: str
+    tokenizer,
+    pairs: list[PreferencePair],
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str,
+    chat_template: str = "off",
 ) -> list[TokenizedPair]:
+    """Every pair tokenised (see tokenize_pair); `chat_template`: data.chat_template."""
+    if chat_template not in CHAT_TEMPLATE_MODES:  # a config error, not the data's: before the records' loop
+        raise ValueError(f"data.chat_template: expected auto | off, got {chat_template!r}")
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
     out = []
     for pair in pairs:
         try:
-            out.append(tokenize_pair(tokenizer, pair, max_length, max_prompt_length, truncation_mode))
+            out.append(tokenize_pair(tokenizer, pair, max_length, max_prompt_length, truncation_mode, chat_template))
         except (TypeError, ValueError) as err:
             if isinstance(err, RecordError):
                 raise

@@ -77,6 +77,7 @@ function select(jobId) {
   };
   $("job").hidden = !selected;
   $("job-events").replaceChildren();
+  showSamples([]);
   for (const row of $("jobs").children) row.classList.toggle("selected", row.dataset.job === jobId);
   if (selected) refreshJob(selected);
 }
@@ -146,11 +147,25 @@ function addEvent(current, event) {
     if (d["eval/loss"] !== undefined) current.evals.loss.push([d.step, d["eval/loss"]]);
     const accuracy = d["eval/rewards/accuracies"];
     if (accuracy !== undefined) current.evals.accuracy.push([d.step, accuracy]);
+  } else if (event.kind === "samples" && Array.isArray(d.samples)) {
+    showSamples(d.samples);
   }
-  const summary = event.kind === "progress" ? `step ${d.step}/${d.total_steps}` : JSON.stringify(d);
+  const summary = event.kind === "progress" ? `step ${d.step}/${d.total_steps}`
+    : event.kind === "samples" ? `${d.samples?.length ?? 0} answers ${d.phase} training` : JSON.stringify(d);
   const item = el("li", `${new Date(event.ts * 1000).toLocaleTimeString()} ${event.kind} ${summary}`);
   item.dataset.kind = event.kind;
   $("job-events").append(item);
+}
+
+function showSamples(samples) {  // the latest samples event: the baseline's answers, then both
+  const rows = samples.map((s) => {
+    const row = el("tr");
+    row.append(el("td", s.prompt ?? ""), el("td", s.before ?? ""), el("td", s.after ?? "(after training)"));
+    return row;
+  });
+  $("samples-rows").replaceChildren(...rows);
+  $("samples").hidden = rows.length === 0;
+  $("samples-note").hidden = rows.length > 0;
 }
 
 // -- charts: an SVG polyline for training, dots for the held-out set -------------------------
