@@ -9,7 +9,7 @@ from core.errors import Invalid
 from core.gpus import gpu_ids
 from core.schemas import TrainOverrides
 from core.settings import Settings
-from training.config import available, compose_config, run_values
+from training.config import available, compose_config, run_values, same_model
 
 CUSTOM = "custom"  # the preset whose settings an allow-listed hub id or local path trains with
 
@@ -19,8 +19,9 @@ def resolve_model(name: str | None, settings: Settings) -> tuple[str, str | None
     choice = name or settings.default_model
     if choice in available("model") and choice != CUSTOM:
         return choice, None
-    if choice in settings.allowed_models or choice == settings.default_model:  # the operator chose these
-        return CUSTOM, choice
+    for chosen in (settings.default_model, *settings.allowed_models):  # the operator chose these
+        if same_model(choice, chosen):  # a local path however it is spelled: the operator's spelling trains
+            return CUSTOM, chosen
     presets = [p for p in available("model") if p != CUSTOM]
     raise Invalid(
         f"config.model: expected a preset ({', '.join(presets)}) or a model in DPO_ALLOWED_MODELS, got {choice!r}",

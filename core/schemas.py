@@ -14,6 +14,8 @@ from training.config import available
 
 COMMUNITY_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 JobStatus = Literal[STATES]  # Literal of a tuple: the same as listing its values
+MAX_TARGET_MODULES = 64
+MODULE_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"  # a module's own name (q_proj), as PEFT matches it
 
 
 class TrainOverrides(BaseModel):
@@ -37,7 +39,18 @@ class TrainOverrides(BaseModel):
         None, ge=8, le=32767, description="a longer prompt is cut to this; default: the preset's, or max_length // 2"
     )
     lora: bool | None = None
-    lora_rank: int | None = Field(None, ge=1, le=512)
+    lora_rank: int | None = Field(None, ge=1, le=512, description="LoRA's r; without lora_alpha, alpha is 2 x rank")
+    lora_alpha: float | None = Field(None, gt=0, le=4096, description="LoRA's alpha: the update is scaled by alpha / r")
+    lora_target_modules: Literal["all-linear"] | list[str] | None = Field(
+        None,
+        description=f"the layers LoRA adapts: all-linear, or up to {MAX_TARGET_MODULES} module names (q_proj, ...)",
+    )
+    precision: Literal["auto", "fp32", "bf16-mixed"] | None = Field(
+        None, description="auto: bf16-mixed on a CUDA GPU with bf16, else fp32 (the preset's, by default)"
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute activations in the backward pass: less memory, ~30% more compute"
+    )
     merge: bool | None = Field(None, description="LoRA: also store the adapter merged into the base (merged/)")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     gpus: int | None = Field(
@@ -51,6 +64,27 @@ class TrainOverrides(BaseModel):
             raise ValueError(f"expected one of {available('loss')}")
         return value
 
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _module_names(cls, value):
+        """`all-linear` or a list of plain module names (PEFT matches each against the last part
+        of a module's dotted name; a single other string it would take as a regular expression).
+        Checked before the type, so that any wrong value gets this one message on this field."""
+        if value is None or value == "all-linear":
+            return value
+        expected = (
+            f'expected "all-linear" or a list of 1 to {MAX_TARGET_MODULES} module names such as ["q_proj", "v_proj"]'
+        )
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_TARGET_MODULES:
+            raise ValueError(expected)
+        for name in value:
+            if not isinstance(name, str) or not re.fullmatch(MODULE_NAME, name):
+                shown = repr(name[:64] if isinstance(name, str) else name)
+                raise ValueError(f"{shown}: a module name is 1 to 64 of A-Z a-z 0-9 _, not starting with a digit")
+        if len(set(value)) != len(value):
+            raise ValueError("a module is named twice")
+        return value
+
     def config_values(self) -> dict[str, Any]:
         """Dotted config keys -> typed values for training.config.compose_config."""
         mapping = {
@@ -60,12 +94,19 @@ class TrainOverrides(BaseModel):
             "batch_size": "train.batch_size",
             "lora": "model.lora.enabled",
             "lora_rank": "model.lora.r",
+            "lora_alpha": "model.lora.alpha",
+            "lora_target_modules": "model.lora.target_modules",
+            "precision": "train.precision",
+            "gradient_checkpointing": "train.gradient_checkpointing",
             "merge": "model.merge",
             "seed": "train.seed",
             "max_length": "data.max_length",
             "max_prompt_length": "data.max_prompt_length",
         }
-        return {key: getattr(self, name) for name, key in mapping.items() if getattr(self, name) is not None}
+        values = {key: getattr(self, name) for name, key in mapping.items() if getattr(self, name) is not None}
+        if self.lora_rank is not None and self.lora_alpha is None:
+            values["model.lora.alpha"] = 2 * self.lora_rank  # the presets' ratio: the update's scale stays as tuned
+        return values
 
 
 METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's bounds

@@ -17,13 +17,19 @@ def test_every_model_and_loss_composes(model, loss):
         assert cfg.model.name_or_path and OmegaConf.missing_keys(cfg) == {"output_dir"}
 
 
-@pytest.mark.parametrize("model", [m for m in available("model") if m != "tiny"])
+CPU_PRESETS = ("tiny", "smollm2-135m")  # sized to train on a laptop's cores
+GPU_PRESETS = [m for m in available("model") if m not in CPU_PRESETS]
+
+
+@pytest.mark.parametrize("model", GPU_PRESETS)
 def test_real_model_presets_carry_settings_for_pretrained_models(model):
-    """Not the toy's: a 5e-4 learning rate destroys a pretrained model, 128 tokens cut real answers."""
+    """Not the toy's: a 5e-4 learning rate destroys a pretrained model, 128 tokens cut real answers.
+    Precision and checkpointing follow the device the job runs on (training/precision.py's
+    resolve_auto: bf16-mixed and checkpointing on a bf16 GPU, fp32 without on the CPU)."""
     for lora in (False, True):
         cfg = compose_config(model=model, values={"model.lora.enabled": lora})
         assert cfg.train.learning_rate <= (1e-4 if lora else 5e-6)
-        assert cfg.train.precision == "bf16-mixed" and cfg.train.gradient_checkpointing is True
+        assert cfg.train.precision == "auto" and cfg.train.gradient_checkpointing == "auto"
         assert cfg.data.max_length >= 1024 and cfg.data.max_prompt_length < cfg.data.max_length
     full, lora = (compose_config(model=model, values={"model.lora.enabled": on}) for on in (False, True))
     assert lora.train.learning_rate > full.train.learning_rate  # LoRA's rate is its own
@@ -38,6 +44,35 @@ def test_the_tiny_preset_keeps_the_toy_settings():
         128,
         64,
     )
+
+
+@pytest.mark.parametrize("model", CPU_PRESETS)
+def test_cpu_presets_stay_fp32_without_checkpointing(model):
+    cfg = compose_config(model=model)
+    assert cfg.train.precision == "fp32" and cfg.train.gradient_checkpointing is False
+
+
+def test_trigger_overrides_reach_precision_checkpointing_and_lora():
+    """What a trigger's `config` may set (core/schemas.py TrainOverrides) lands on the config keys;
+    a LoRA rank without an alpha keeps the presets' alpha = 2 x rank (the scale they were tuned at)."""
+    from core.schemas import TrainOverrides
+
+    def composed(model="custom", **overrides):
+        values = TrainOverrides(**overrides).config_values()
+        return compose_config(model=model, values={"model.name_or_path": "org/m", **values})
+
+    cfg = composed(precision="fp32", gradient_checkpointing=False)
+    assert (cfg.train.precision, cfg.train.gradient_checkpointing) == ("fp32", False)
+    assert composed(model="tiny", precision="auto").train.precision == "auto"
+    lora = composed(lora=True, lora_rank=4).model.lora
+    assert (lora.r, lora.alpha) == (4, 8)
+    lora = composed(lora=True, lora_rank=4, lora_alpha=4.0).model.lora
+    assert (lora.r, lora.alpha) == (4, 4.0)
+    assert composed(lora_alpha=64.0).model.lora.alpha == 64.0  # the preset's r
+    targets = composed(model="zephyr-7b", lora_target_modules="all-linear").model.lora.target_modules
+    assert targets == "all-linear"
+    targets = composed(lora_target_modules=["q_proj", "v_proj"]).model.lora.target_modules
+    assert list(targets) == ["q_proj", "v_proj"]
 
 
 def test_production_models_are_listed():

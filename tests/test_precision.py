@@ -124,8 +124,40 @@ def test_bf16_mixed_lora_saves_fp32_adapters(tmp_path, toy, bf16_model_path):
 
 
 def test_unknown_precision_is_refused(tmp_path, toy):
-    with pytest.raises(ValueError, match=r"train.precision: expected fp32 \| bf16-mixed, got 'bf16'"):
+    with pytest.raises(ValueError, match=r"train.precision: expected auto \| fp32 \| bf16-mixed, got 'bf16'"):
         run_training(make_cfg(**{"train.precision": "bf16"}), toy(8), tmp_path / "out")
+    with pytest.raises(ValueError, match=r"train.gradient_checkpointing: expected auto \| true \| false, got 'yes'"):
+        run_training(make_cfg(**{"train.gradient_checkpointing": "yes"}), toy(8), tmp_path / "out")
+
+
+def test_auto_follows_the_device_and_a_given_value_wins():
+    """The GPU presets (and `custom`) say `auto`: bf16-mixed and gradient checkpointing on a CUDA
+    GPU with bf16 (compute capability 8.0+), checkpointing in fp32 on an older one, fp32 without
+    checkpointing on the CPU. There is no GPU here: the CUDA cases pass the device's capability
+    instead of reading it (resolve_auto reads it from the device when none is given)."""
+    from training.config import compose_config
+    from training.precision import resolve_auto
+
+    cfg = compose_config(model="custom", values={"model.name_or_path": "org/m"})
+    assert (cfg.train.precision, cfg.train.gradient_checkpointing) == ("auto", "auto")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    for device, capability, want in (
+        (cpu, None, ("fp32", False)),
+        (cuda, (9, 0), ("bf16-mixed", True)),  # H100 / H200
+        (cuda, (8, 0), ("bf16-mixed", True)),  # A100
+        (cuda, (7, 5), ("fp32", True)),  # T4: no bf16 units
+    ):
+        resolved = resolve_auto(cfg, device, capability)
+        assert (resolved.train.precision, resolved.train.gradient_checkpointing) == want, (device, capability)
+    assert cfg.train.precision == "auto"  # the caller's config is left as it was
+    given = compose_config(
+        model="custom",
+        values={"model.name_or_path": "org/m", "train.precision": "fp32", "train.gradient_checkpointing": False},
+    )
+    assert resolve_auto(given, cuda, (9, 0)) is given  # nothing to resolve
+    one = compose_config(model="custom", values={"model.name_or_path": "org/m", "train.precision": "bf16-mixed"})
+    resolved = resolve_auto(one, cpu)
+    assert (resolved.train.precision, resolved.train.gradient_checkpointing) == ("bf16-mixed", False)
 
 
 @pytest.mark.parametrize("reference", ["precompute", "live"])

@@ -342,12 +342,31 @@ def test_verify_binds_method_path_query_and_body_exactly():
         (
             {"communityId": "c", "config": {"model": "../../etc"}},
             "config.model",
-            "expected a preset (pythia-2.8b, qwen2.5-0.5b, tiny, zephyr-7b) or a model in DPO_ALLOWED_MODELS",
+            "expected a preset (pythia-2.8b, qwen2.5-0.5b, smollm2-135m, tiny, zephyr-7b) or a model in DPO_ALLOWED_MODELS",
         ),
         (
             {"communityId": "c", "config": {"model": "custom"}},
             "config.model",
             "or a model in DPO_ALLOWED_MODELS, got 'custom'",
+        ),
+        ({"communityId": "c", "config": {"precision": "bf16"}}, "config.precision", "'auto', 'fp32' or 'bf16-mixed'"),
+        ({"communityId": "c", "config": {"gradient_checkpointing": "on"}}, "config.gradient_checkpointing", "boolean"),
+        ({"communityId": "c", "config": {"lora_alpha": 0}}, "config.lora_alpha", "greater than 0"),
+        ({"communityId": "c", "config": {"lora_alpha": 5000}}, "config.lora_alpha", "less than or equal to 4096"),
+        (
+            {"communityId": "c", "config": {"lora_target_modules": "q_proj|.*"}},
+            "config.lora_target_modules",
+            'expected "all-linear" or a list of 1 to 64 module names such as ["q_proj", "v_proj"]',
+        ),
+        (
+            {"communityId": "c", "config": {"lora_target_modules": ["q_proj", "model.layers.0.v_proj"]}},
+            "config.lora_target_modules",
+            "'model.layers.0.v_proj': a module name is 1 to 64 of A-Z a-z 0-9 _, not starting with a digit",
+        ),
+        (
+            {"communityId": "c", "config": {"lora_target_modules": ["q_proj"] * 65}},
+            "config.lora_target_modules",
+            "a list of 1 to 64 module names",
         ),
         (
             {"communityId": "c", "config": {"max_length": 64, "max_prompt_length": 64}},
@@ -785,10 +804,38 @@ def test_subprocess_cancel_terminates_the_training_process(tmp_path, toy):
 
 
 # -- models the operator chooses ---------------------------------------------------------------
+def test_allowed_local_paths_match_however_they_are_spelled():
+    """A trailing slash, `./` or a doubled separator does not make an allowed local path another
+    model (the operator's spelling is what trains); `..` is not folded (through a symlink it leads
+    elsewhere), and hub ids compare as given."""
+    from core.errors import Invalid
+    from core.job_config import resolve_model
+    from core.settings import Settings
+
+    settings = Settings(_env_file=None, allowed_models="/models/x, ./local/m/, org/hub", default_model="/srv/base/")
+    for asked, chosen in (
+        ("/models/x/", "/models/x"),
+        ("/models//x", "/models/x"),
+        ("/models/./x/", "/models/x"),
+        ("./local/m", "./local/m/"),
+        ("local//m", "./local/m/"),
+        ("/srv/base", "/srv/base/"),
+        (None, "/srv/base/"),
+        ("org/hub", "org/hub"),
+        ("tiny", None),
+    ):
+        assert resolve_model(asked, settings)[1] == chosen, asked
+    for refused in ("/models/y/../x", "/models/x2", "org/hub/", "Org/hub", "local/m"):
+        with pytest.raises(Invalid, match="or a model in DPO_ALLOWED_MODELS"):
+            resolve_model(refused, settings)
+
+
 def test_default_and_allowed_models_train_with_the_custom_preset(tmp_path_factory, toy, tiny_model_path):
     """DPO_DEFAULT_MODEL trains when a trigger names no model; DPO_ALLOWED_MODELS lists what a
-    caller may name besides the presets. Both go through the `custom` preset (bf16-mixed,
-    gradient checkpointing), here on the tiny model's local path."""
+    caller may name besides the presets. Both go through the `custom` preset, here on the tiny
+    model's local path: its precision and checkpointing are `auto`, so on this CPU the job trains
+    in fp32 without checkpointing (bf16-mixed with checkpointing on a bf16 GPU), and says so in
+    metrics.json and training_config.yaml."""
     root = tmp_path_factory.mktemp("models")
     env = {"DPO_DEFAULT_MODEL": str(tiny_model_path), "DPO_ALLOWED_MODELS": "org/other-model, /models/mine"}
     with Server(root, env=env) as srv:
@@ -799,10 +846,13 @@ def test_default_and_allowed_models_train_with_the_custom_preset(tmp_path_factor
         assert job["status"] == "succeeded", job["error"]
         metrics = json.loads((artifact_path(job) / "metrics.json").read_text())
         assert metrics["model"]["name_or_path"] == str(tiny_model_path)
-        assert metrics["model"]["precision"] == "bf16-mixed" and metrics["layout"]["layout"] == "shared_prefix"
+        assert metrics["model"]["precision"] == "fp32" and metrics["model"]["gradient_checkpointing"] is False
+        assert metrics["layout"]["layout"] == "shared_prefix"
         saved = yaml.safe_load((artifact_path(job) / "training_config.yaml").read_text())
         assert saved["data"] == {**saved["data"], "max_length": 96, "max_prompt_length": 48}  # room for answers
-        assert saved["train"]["learning_rate"] == 1e-6 and saved["train"]["gradient_checkpointing"] is True
+        assert saved["train"]["learning_rate"] == 1e-6
+        assert (saved["train"]["precision"], saved["train"]["gradient_checkpointing"]) == ("fp32", False)
+        assert job["hyperparameters"]["train"]["precision"] == "auto"  # composed at the trigger, resolved in training
 
         refused = client.trigger("c", toy(4), {"model": "org/not-allowed"})
         assert refused.status_code == 422 and refused.json()["error"]["field"] == "config.model"

@@ -25,6 +25,7 @@ from training.config import compose_config  # noqa: E402
 from training.loop import train_policy  # noqa: E402
 from training.memory import GIB, check_memory  # noqa: E402
 from training.model import load_policy, load_tokenizer  # noqa: E402
+from training.precision import resolve_auto  # noqa: E402
 from training.records import normalise_records  # noqa: E402
 from training.tiny_model import build_tokenizer  # noqa: E402
 from training.tokenize import tokenize_pairs  # noqa: E402
@@ -114,6 +115,7 @@ def run_case(name, shape, lora, lr, steps, checkpointing, extra, root: Path, dev
             **extra,
         },
     )
+    cfg = resolve_auto(cfg, torch.device(device))  # the preset's precision `auto`, as run_training does
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -91,6 +91,25 @@ def has_key(cfg: DictConfig, dotted: str) -> bool:
     return isinstance(parent, DictConfig) and leaf in parent.keys()
 
 
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("org/name"): absolute, relative with ./ ../ ~, or deeper."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two spellings name the same model: local paths compared without trailing slashes,
+    `.` parts and doubled separators (`..` is kept: through a symlink it leads elsewhere), hub ids
+    compared as given."""
+    if looks_like_path(a) and looks_like_path(b):
+        return _path_key(a) == _path_key(b)
+    return a == b
+
+
+def _path_key(path: str) -> str:
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    return ("/" if path.startswith("/") else "") + "/".join(parts)
+
+
 def resolve_path(path: str) -> Path:
     """Relative paths in configs are relative to the repository root, not the caller's cwd."""
     p = Path(path).expanduser()

@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from training.config import resolve_path
+from training.config import looks_like_path, resolve_path
 from training.precision import declared_dtype, load_dtype
 from training.real_model import DEFAULT_PATH as REAL_PATH
 from training.real_model import ensure_real_model
@@ -27,11 +27,6 @@ BUILDERS = {
     "tiny": (TINY_PATH, ensure_tiny_model),
     "smollm2": (REAL_PATH, ensure_real_model),
 }
-
-
-def looks_like_path(name: str) -> bool:
-    """A local path rather than a hub id ("org/name"): absolute, relative with ./ ../ ~, or deeper."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def model_path(model_cfg) -> str:
