@@ -105,6 +105,10 @@ toy-train: toy-data ## Train the tiny model on the toy set via the CLI; prints h
 toy-trigger: setup ## The whole pipeline: server on loopback, signed toy trigger, job followed to success, server stopped
 	$(PY) tools/toy_trigger.py --root .cache/toy-service
 
+.PHONY: real-trigger
+real-trigger: real-model ## The pipeline on a real chat model (SmolLM2-135M, LoRA, ~10 min): base vs fine-tuned answers side by side
+	$(PY) tools/real_trigger.py --root .cache/real-service
+
 .PHONY: api
 api: export HF_HUB_OFFLINE := $(API_HF_OFFLINE)
 api: setup ## Run the service on :8000 (needs DPO_WEBHOOK_SECRET, or DPO_ALLOW_UNSIGNED=1); fetches models when online

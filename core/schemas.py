@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from core.errors import JOB_NOT_FOUND, Invalid, NotFound
 from core.store import STATES, BadCursor, Job
 from training.config import available
+from training.generation import MAX_NEW_TOKENS, MAX_SAMPLES, compile_contains
 
 COMMUNITY_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 JobStatus = Literal[STATES]  # Literal of a tuple: the same as listing its values
@@ -52,6 +53,19 @@ class TrainOverrides(BaseModel):
         None, description="recompute activations in the backward pass: less memory, ~30% more compute"
     )
     merge: bool | None = Field(None, description="LoRA: also store the adapter merged into the base (merged/)")
+    eval_samples: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SAMPLES,
+        description="greedy answers to this many held-out prompts, before and after (0: none)",
+    )
+    eval_max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="each answer's token cap")
+    eval_contains: str | None = Field(
+        None,
+        min_length=1,
+        max_length=500,
+        description="a regex the preferred behaviour matches in an answer: its share before and after, in final_eval",
+    )
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     gpus: int | None = Field(
         None, ge=1, le=64, description="GPUs for this job, one training process each (torchrun); at most the replica's"
@@ -62,6 +76,13 @@ class TrainOverrides(BaseModel):
     def _known_loss(cls, value):
         if value is not None and value not in available("loss"):
             raise ValueError(f"expected one of {available('loss')}")
+        return value
+
+    @field_validator("eval_contains")
+    @classmethod
+    def _a_regex(cls, value):
+        if value is not None:
+            compile_contains(value)  # a ValueError names what is wrong with it
         return value
 
     @field_validator("lora_target_modules", mode="before")
@@ -99,6 +120,9 @@ class TrainOverrides(BaseModel):
             "precision": "train.precision",
             "gradient_checkpointing": "train.gradient_checkpointing",
             "merge": "model.merge",
+            "eval_samples": "eval.samples",
+            "eval_max_new_tokens": "eval.max_new_tokens",
+            "eval_contains": "eval.contains",
             "seed": "train.seed",
             "max_length": "data.max_length",
             "max_prompt_length": "data.max_prompt_length",

@@ -119,3 +119,29 @@ def test_cli_requires_a_data_path_and_output_dir(tmp_path):
         [sys.executable, "-m", "training", f"data.path={data}"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert out.returncode != 0 and "output_dir" in out.stdout + out.stderr
+
+
+def test_a_model_path_that_holds_no_model_is_an_error_naming_it(tmp_path):
+    """A mistyped path used to build a random tiny Llama there and train it with the tiny
+    preset's settings; `model=custom` without a path was a Hydra traceback. Each is one line."""
+    import subprocess
+    import sys
+
+    from training.config import REPO_ROOT
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    missing, empty = tmp_path / "no-such-model", tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        f"model.name_or_path={missing}": "this preset builds its model only at .cache/models/tiny-llama",
+        "model=custom": "model=custom needs the model to train",
+        f"model=custom model.name_or_path={missing}": f"{missing} does not exist",
+        f"model=custom model.name_or_path={empty}": f"{empty} is not a model directory (no config.json)",
+    }
+    for overrides, message in cases.items():
+        argv = [sys.executable, "-m", "training", f"data.path={data}", f"output_dir={tmp_path / 'out'}"]
+        out = subprocess.run([*argv, *overrides.split()], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert out.returncode == 2 and message in out.stdout, (overrides, out.stdout, out.stderr)
+        assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, out.stderr  # one line
+    assert not missing.exists() and not any(empty.iterdir())  # nothing was built in their place

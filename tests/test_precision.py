@@ -162,8 +162,9 @@ def test_auto_follows_the_device_and_a_given_value_wins():
 
 @pytest.mark.parametrize("reference", ["precompute", "live"])
 def test_bf16_mixed_runs_every_forward_pass_under_autocast(toy, reference):
-    """Policy steps, reference log-probs (precomputed or live), held-out evals and the layout
-    self-check all compute in bf16; the weights stay fp32."""
+    """Policy steps, reference log-probs (precomputed or live), held-out evals and the answers
+    generated compute in bf16; the weights stay fp32. The layout self-check, first, compares the
+    fp32 weights in fp32: the layouts' difference, not bf16's rounding (D34)."""
     cfg = make_cfg(**{"train.precision": "bf16-mixed", "train.max_steps": 2, "train.reference": reference})
     policy, path, _ = load_policy(cfg.model, cfg.train.precision, torch.device("cpu"))
     tokenizer = load_tokenizer(path)
@@ -176,6 +177,8 @@ def test_bf16_mixed_runs_every_forward_pass_under_autocast(toy, reference):
     # the live reference is a deep copy of the policy: the hook travels with it
     policy.model.layers[0].mlp.down_proj.register_forward_hook(hook)
     train_policy(policy, examples, tokenizer.pad_token_id, cfg)
-    assert {dtype for *_, dtype in seen} == {torch.bfloat16}
+    self_check, job = seen[:2], seen[2:]  # the self-check: separate rows, then shared-prefix rows
+    assert [dtype for *_, dtype in self_check] == [torch.float32, torch.float32]
+    assert {dtype for *_, dtype in job} == {torch.bfloat16}
     assert any(grad for grad, *_ in seen) and any(not grad for grad, *_ in seen)  # training and no-grad passes
     assert policy.model.layers[0].mlp.down_proj.weight.dtype == torch.float32

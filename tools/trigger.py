@@ -50,7 +50,14 @@ class Client:
     def get(self, path: str, params: dict | None = None):
         return self.request("GET", path, params=params)
 
-    def trigger(self, community: str, dataset: list | None = None, config: dict | None = None, **kwargs):
+    def trigger(
+        self,
+        community: str,
+        dataset: list | None = None,
+        config: dict | None = None,
+        validation: list | None = None,
+        **kwargs,
+    ):
         """POST /trigger-finetune with a fresh Idempotency-Key unless one is given: a retry of this
         call with the same key cannot start a second job, and the server's replay check (which
         refuses an identical unkeyed trigger in the same second) does not apply."""
@@ -60,6 +67,8 @@ class Client:
             payload["dataset"] = dataset
         if config:
             payload["config"] = config
+        if validation is not None:
+            payload["validation"] = validation
         return self.post("/trigger-finetune", payload, **kwargs)
 
     def follow(self, job_id: str, timeout_s: float = 3600, interval_s: float = 0.5, out=sys.stderr) -> dict:
@@ -120,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def submit_and_follow(
-    client: Client, community: str, dataset, config=None, headers=None, timeout_s: float = 3600
+    client: Client, community: str, dataset, config=None, headers=None, timeout_s: float = 3600, validation=None
 ) -> dict | None:
     """Trigger, follow to the end, print the outcome. Returns the final job, or None if refused."""
-    response = client.trigger(community, dataset, config, headers=headers)
+    response = client.trigger(community, dataset, config, validation, headers=headers)
     if response.status_code != 202:
         print(f"trigger rejected: HTTP {response.status_code}: {response.text}", file=sys.stderr)
         return None

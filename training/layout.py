@@ -13,7 +13,7 @@ and any model with a sliding window shorter than a shared row would too. So each
    autocast; a model with bf16 weights (a LoRA base under bf16-mixed) is compared in its own
    precision, against the noise that precision alone makes (the same separate rows batched
    together and one pair a pass), since bf16 rounding differs with the batch's shape by as much
-   as a layout mismatch would (0.25 nats a token on SmolLM2-135M, plan/decisions.md D35).
+   as a layout mismatch would (0.25 nats a token on SmolLM2-135M, plan/decisions.md D34).
 
 Either way the choice and its reason are reported (an event, and metrics.json "layout").
 """
