@@ -164,6 +164,29 @@ def test_a_job_shows_its_model_resolved_hyperparameters_tokens_and_the_callers_s
     assert "hyperparameters" not in job["config"]
 
 
+def test_a_job_answers_held_out_prompts_before_and_after_and_counts_the_behaviour(client, toy):
+    """eval_samples / eval_contains: greedy answers to held-out prompts in a samples event and
+    the artifact, the share matching the caller's regex before and after in final_eval."""
+    config = {"epochs": 1, "eval_samples": 3, "eval_max_new_tokens": 8, "eval_contains": "."}
+    payload = {"communityId": "answers", "dataset": toy(24), "validation": toy(4, seed=9), "config": config}
+    response = client.post("/trigger-finetune", payload)
+    job = wait_for(client, response.json()["job_id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["hyperparameters"]["eval"] == {"samples": 3, "max_new_tokens": 8, "contains": "."}
+    final = job["final_eval"]
+    assert 0 <= final["eval/contains_share_before"] <= 1 and 0 <= final["eval/contains_share"] <= 1, final
+    events = client.get(f"/jobs/{job['job_id']}/events").json()["events"]
+    phases = [e["data"]["phase"] for e in events if e["kind"] == "samples"]
+    assert phases == ["before", "after"]
+    last = [e["data"]["samples"] for e in events if e["kind"] == "samples"][-1]
+    assert len(last) == 3 and all({"prompt", "before", "after"} <= set(s) for s in last)
+    lines = (artifact_path(job) / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["after"] for line in lines] == [s["after"] for s in last]
+    bad = client.post("/trigger-finetune", {"communityId": "answers", "config": {"eval_contains": "(unclosed"}})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "config.eval_contains", bad.text
+    assert "not a valid regex" in bad.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
