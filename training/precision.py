@@ -10,7 +10,7 @@
 Saved full weights go back to the dtype the model came in (bf16 for a bf16 hub model).
 
 A preset may leave `train.precision` and `train.gradient_checkpointing` at `auto`: resolve_auto
-picks them for the device the job runs on, once, before anything reads them (plan/decisions.md D36).
+picks them for the device the job runs on, once, before anything reads them (plan/decisions.md D33).
 """
 
 from __future__ import annotations
