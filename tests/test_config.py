@@ -145,3 +145,24 @@ def test_a_model_path_that_holds_no_model_is_an_error_naming_it(tmp_path):
         assert out.returncode == 2 and message in out.stdout, (overrides, out.stdout, out.stderr)
         assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, out.stderr  # one line
     assert not missing.exists() and not any(empty.iterdir())  # nothing was built in their place
+
+
+def test_every_string_reads_back_as_itself_however_it_mixes_backslashes_and_interpolations(monkeypatch):
+    """literal() used to turn "\\${oc.env:X}" into "\\\\${oc.env:X}", which OmegaConf reads as a
+    backslash and then X's value. Every string must read back as given, also through YAML (the
+    subprocess path writes the config out and composes it again)."""
+    import random
+
+    from omegaconf import OmegaConf
+
+    from training.config import literal
+
+    monkeypatch.setenv("X", "SECRET")
+    rng = random.Random(0)
+    parts = ["\\", "$", "{", "}", "a", ":", "${oc.env:X}"]
+    cases = ["\\${oc.env:X}", "\\\\${oc.env:X}", "\\\\\\${oc.env:X}", "a\\b", "\\", "}\\${x}"]
+    cases += ["".join(rng.choice(parts) for _ in range(rng.randint(0, 8))) for _ in range(2000)]
+    for value in cases:
+        cfg = OmegaConf.create({"k": literal(value), "l": [literal(value)]})
+        again = OmegaConf.create(OmegaConf.to_yaml(cfg))
+        assert (cfg.k, again.k, again.l[0]) == (value, value, value), repr(value)

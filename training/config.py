@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,17 @@ def _compose_base(config_name: str, model: str, loss: str) -> DictConfig:
     return cfg
 
 
+_INTERPOLATION = re.compile(r"(\\*)\$\{")  # "${" and the backslashes right before it
+
+
 def literal(value: Any) -> Any:
     """`value` with every "${" escaped, recursively: OmegaConf would otherwise resolve a string
     such as "${oc.env:DPO_WEBHOOK_SECRET}" when it is read (or when a config is written out and
-    composed again by a training subprocess)."""
+    composed again by a training subprocess). In OmegaConf a backslash is special only right
+    before "${" (two of them read as one backslash, then the interpolation), so each of those is
+    doubled and the "${" itself escaped: every string reads back as itself (tested)."""
     if isinstance(value, str):
-        return value.replace("${", "\\${")
+        return _INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", value)
     if isinstance(value, dict):
         return {k: literal(v) for k, v in value.items()}
     if isinstance(value, list):
