@@ -50,6 +50,7 @@ from core.store import (
     StoreUnavailable,
     finish_event,
     stored_data,
+    strict_json,
 )
 
 log = logging.getLogger(__name__)
@@ -686,13 +687,13 @@ def _callback_fields(data: dict, update: dict) -> dict:
     """A job's end queues its callback in the same transaction (no gap a crash could fall into)."""
     if not data.get("callbackUrl"):
         return {}
-    body = json.dumps(job_view(from_document({**data, **update})))
+    body = strict_json(job_view(from_document({**data, **update})))
     return {"callbackState": "pending", "callbackBody": body, "callbackAttempts": 0, "callbackNextAt": 0.0}
 
 
 def _event_doc(seq: int, kind: str, data: dict) -> dict:
     # data as JSON text: Firestore would reorder keys and turn tuples into lists
-    return {"seq": seq, "ts": time.time(), "kind": kind, "data": json.dumps(data)}
+    return {"seq": seq, "ts": time.time(), "kind": kind, "data": strict_json(data)}
 
 
 def _community_doc(community_id: str) -> str:

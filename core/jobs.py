@@ -26,6 +26,7 @@ from core.store import (
     Renewal,
     finish_event,
     stored_data,
+    strict_json,
 )
 
 log = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ class SqliteJobStore:
     def set_progress(self, job_id: str, progress: dict, metrics: dict) -> None:
         self._exec(
             "UPDATE jobs SET progress = ?, metrics = ? WHERE id = ?",
-            (json.dumps(progress), json.dumps(metrics), job_id),
+            (strict_json(progress), strict_json(metrics), job_id),
         )
         self._changed(job_id, state_change=False)
 
@@ -316,7 +317,7 @@ class SqliteJobStore:
                 value = getattr(result, column)
                 if value is not None:
                     sets.append(f"{column} = ?")
-                    args.append(json.dumps(value))
+                    args.append(strict_json(value))
             for column in ("artifact_uri", "records", "runner"):
                 value = getattr(result, column)
                 if value is not None:
@@ -350,7 +351,7 @@ class SqliteJobStore:
         self._db.execute(
             "INSERT INTO events (job_id, seq, ts, kind, data) VALUES "
             "(?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?), ?, ?, ?)",
-            (job_id, job_id, time.time(), kind, json.dumps(data)),
+            (job_id, job_id, time.time(), kind, strict_json(data)),
         )
 
     def add_event(self, job_id: str, kind: str, data: dict) -> None:

@@ -6,17 +6,21 @@ from __future__ import annotations
 import logging
 import time
 
+from core.store import finite
+
 log = logging.getLogger(__name__)
 
 
 def outcome(metrics: dict) -> dict:
     """What the job record keeps of a run's metrics.json: the final held-out and training
     metrics, and the tokens trained on (chosen + rejected, every epoch)."""
-    return {
-        "final_eval": metrics.get("final_eval", {}),
-        "final_train": metrics.get("final_train", {}),
-        "trained_tokens": sum(h.get("tokens", 0) for h in metrics.get("history", [])),
-    }
+    return finite(
+        {
+            "final_eval": metrics.get("final_eval", {}),
+            "final_train": metrics.get("final_train", {}),
+            "trained_tokens": sum(h.get("tokens", 0) for h in metrics.get("history", [])),
+        }
+    )
 
 
 class ProgressRecorder:
@@ -46,6 +50,7 @@ class ProgressRecorder:
             self._quiet_until = time.monotonic() + self.QUIET_S
 
     def __call__(self, event: dict) -> None:
+        event = finite(event)  # nothing non-finite reaches a store, the API or a callback
         step, total = event.get("step", 0), event.get("total_steps") or 0
         if event["kind"] == "checkpoint":
             if self.on_checkpoint is not None:

@@ -31,10 +31,11 @@ from core.gpus import RANK_ERROR, GpuPool, gpu_ids, inprocess_device, process_tr
 from core.logs import job_context
 from core.progress import ProgressRecorder, outcome
 from core.schemas import job_view
-from core.store import Finish, Job, JobFinished, StoreUnavailable, replica_id, split_stored
+from core.store import Finish, Job, JobFinished, StoreUnavailable, replica_id, split_stored, strict_json
 from storage.base import SourceError, StorageError
 from training import protocol
 from training.config import REPO_ROOT, compose_config, literal
+from training.errors import NonFiniteError
 from training.records import RecordError, normalise_records, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class Runner:
                 log.warning("%d job(s) were left running by a previous server: they resume or restart", released)
         try:
             for job in self.store.finished_without_callback():  # a crash came between finishing and queueing it
-                self.store.enqueue_callback(job.id, job.callback_url, json.dumps(job_view(job)))
+                self.store.enqueue_callback(job.id, job.callback_url, strict_json(job_view(job)))
         except Exception as err:  # the store is down at start-up: serve anyway (/ready says so)
             log.warning("could not look for callbacks left unqueued: %s", err)
         self.callbacks.start()
@@ -314,6 +315,8 @@ class Runner:
                 result = Finish("failed", error_type="invalid_data", error_message=str(err))
             except StorageError as err:
                 result = Finish("failed", error_type="storage_error", error_message=str(err))
+            except NonFiniteError as err:
+                result = Finish("failed", error_type=NonFiniteError.type, error_message=str(err))
             except Exception as err:
                 log.exception("job %s failed", job_id)
                 message = f"{type(err).__name__}: {err}"[:2000]
@@ -367,7 +370,7 @@ class Runner:
             self.metrics.jobs_finished.labels(result.status).inc()
         if job.callback_url:
             self._retry_store(
-                lambda: self.store.enqueue_callback(job_id, job.callback_url, json.dumps(job_view(final)))
+                lambda: self.store.enqueue_callback(job_id, job.callback_url, strict_json(job_view(final)))
             )
             self.callbacks.notify()
 
@@ -682,6 +685,8 @@ class Runner:
         if self._should_stop(job_id) and code != 0:
             raise Stopped()
         if error is not None:
+            if error["type"] == NonFiniteError.type:
+                raise NonFiniteError.reported(error["message"])
             raise (
                 SubprocessDataError(error["message"])
                 if error["type"] == "invalid_data"

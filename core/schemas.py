@@ -31,7 +31,12 @@ class TrainOverrides(BaseModel):
         description="a config/model/*.yaml preset, or a hub id / local path in DPO_ALLOWED_MODELS",
     )
     loss: str | None = Field(None, description="a config/loss/*.yaml name")
-    beta: float | None = Field(None, gt=0, le=10)
+    beta: float | None = Field(
+        None,
+        ge=1e-3,
+        le=10,
+        description="every loss: 0.001 to 10 (ipo's target margin 1/(2 beta) is then at most 500, never an overflow)",
+    )
     learning_rate: float | None = Field(None, gt=0, le=1)
     epochs: int | None = Field(None, ge=1, le=100)
     batch_size: int | None = Field(None, ge=1, le=1024)

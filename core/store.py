@@ -14,6 +14,8 @@ what the new owner does.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import uuid
@@ -26,6 +28,24 @@ STATES = ACTIVE + FINAL  # a job's status is always one of these
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"  # uuid4().hex, as create() makes them
 TAKEN_OVER = "taken over: its previous worker stopped renewing the lease (a crash, or its replica was lost)"
 CANCELLED_QUEUED = "cancelled before it started"
+
+
+def finite(value: Any) -> Any:
+    """`value` with every inf or NaN float replaced by None, recursively: what the service
+    stores and answers is strict JSON (Python's json writes a bare NaN that strict parsers and
+    Starlette's responses refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any) -> str:
+    """JSON text of `value`, non-finite numbers as null (never a bare NaN)."""
+    return json.dumps(finite(value), allow_nan=False)
 
 
 @dataclass

@@ -92,6 +92,60 @@ def test_a_job_over_its_time_limit_fails_with_timeout(tmp_path, toy, mode):
     assert not any((tmp_path / "data" / "work").iterdir()) and not any((tmp_path / "data" / "checkpoints").glob("*"))
 
 
+@pytest.fixture(scope="module")
+def nan_model_path(tiny_model_path, tmp_path_factory):
+    """The tiny model with one weight NaN: a broken checkpoint whose every log-prob is NaN."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("nan-model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["inprocess", "subprocess"])
+def test_a_non_finite_run_fails_at_once_and_every_answer_is_strict_json(tmp_path, toy, nan_model_path, mode):
+    """A NaN used to train to the end and succeed; its NaN metrics then made the dashboard's and
+    the API's JSON answers 500 and the callback body invalid JSON. Now the job fails
+    `non_finite` naming the step and the term, stores nothing, and all it answers parses."""
+    env = {"DPO_DEFAULT_MODEL": str(nan_model_path), "DPO_RUNNER_MODE": mode}
+    with Server(tmp_path, env=env) as srv:
+        client = Client(srv.url, srv.secret)
+        job = wait_for(client, client.trigger("nan", toy(24), {"epochs": 1}).json()["job_id"], timeout_s=120)
+        assert job["status"] == "failed" and job["error"]["type"] == "non_finite", job["error"]
+        assert job["error"]["message"].startswith("step 0: reference log-probs is not finite"), job["error"]
+        assert job["artifact"] is None
+        for path in (f"/jobs/{job['job_id']}", f"/jobs/{job['job_id']}/events", "/jobs"):
+            response = client.get(path)
+            assert response.status_code == 200
+            json.loads(response.text, parse_constant=lambda name: pytest.fail(f"{path} answered {name}"))
+    assert not any((tmp_path / "data" / "work").iterdir())
+
+
+def test_a_nan_metric_never_counts_as_not_regressed_and_is_stored_as_null(tmp_path):
+    from core.jobs import SqliteJobStore
+    from core.progress import ProgressRecorder
+    from core.store import NewJob
+    from training.loop import heldout_regressed
+
+    baseline = {"eval/loss": 0.69, "eval/rewards/margins": 0.0}
+    assert heldout_regressed(baseline, {"eval/loss": float("nan"), "eval/rewards/margins": 1.0})
+    assert heldout_regressed(baseline, {"eval/loss": 0.5, "eval/rewards/margins": float("nan")})
+    assert not heldout_regressed(baseline, {"eval/loss": 0.5, "eval/rewards/margins": 1.0})
+
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    job, _ = store.create(NewJob(community_id="c", config={}, source="inline"))
+    record = ProgressRecorder(store, job.id, event_interval_s=0)
+    record({"kind": "step", "step": 1, "total_steps": 2, "metrics": {"loss": float("nan"), "lr": 1.0}})
+    record({"kind": "eval", "step": 1, "metrics": {"eval/loss": float("inf")}})
+    assert store.get(job.id).metrics == {"lr": 1.0}  # the NaN loss is not stored
+    assert [e["data"] for e in store.events(job.id, 0, 10) if e["kind"] == "eval"] == [{"step": 1, "eval/loss": None}]
+
+
 # -- hostile input ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "community",

@@ -270,3 +270,16 @@ def test_the_learning_rate_schedule_by_hand():
     assert [lr_lambda("constant", 0, 13)(s) for s in (0, 13)] == [1.0, 1.0]
     with pytest.raises(ValueError, match="train.scheduler: expected constant | linear | cosine"):
         lr_lambda("step", 0, 13)(1)
+
+
+def test_a_loss_that_overflows_stops_the_run_before_any_weight_takes_it(tmp_path, toy):
+    """IPO with beta 1e-40: 1/(2 beta) overflows fp32. The baseline evaluation says so at step 0;
+    without a held-out set the first step's loss does, before the optimizer step."""
+    from training.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"^step 0: eval/loss is not finite") as caught:
+        run_training(make_cfg("ipo", **{"loss.beta": 1e-40}), toy(24), tmp_path / "a")
+    assert (caught.value.step, caught.value.term) == (0, "eval/loss")
+    with pytest.raises(NonFiniteError, match=r"^step 1: loss is not finite"):
+        run_training(make_cfg("ipo", **{"loss.beta": 1e-40, "data.eval_fraction": 0.0}), toy(24), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing saved

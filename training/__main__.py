@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from training import distributed, protocol
 from training.config import CONFIG_DIR, resolve_path
+from training.errors import NonFiniteError
 from training.facade import run_training
 from training.loop import TrainingCancelled
 from training.model import model_path
@@ -84,6 +85,9 @@ def main(cfg: DictConfig) -> None:
         )
     except RecordError as err:
         _emit(protocol.ERROR, {"type": "invalid_data", "message": str(err)})
+        sys.exit(2)
+    except NonFiniteError as err:
+        _emit(protocol.ERROR, {"type": NonFiniteError.type, "message": str(err)})
         sys.exit(2)
     except TrainingCancelled as err:
         _emit(protocol.ERROR, {"type": "stopped", "message": str(err)})

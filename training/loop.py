@@ -18,6 +18,7 @@ from training import distributed
 from training.batching import batch_tokens, check_forward_budget, collate, collate_shared_prefix
 from training.checkpoint import load_checkpoint, restore_training_state, run_fingerprint, save_checkpoint
 from training.distributed import Ranks
+from training.errors import NonFiniteError
 from training.generation import Sampler
 from training.layout import choose_layout
 from training.logprobs import model_logps
@@ -65,10 +66,11 @@ def eval_steps(total: int, evals: int) -> set[int]:
 
 def heldout_regressed(baseline: dict, final: dict) -> bool:
     """True when training made the held-out set worse than the initial policy had it: a higher
-    held-out loss or a lower reward margin (the policy moved towards the rejected answers)."""
-    return final["eval/loss"] > baseline["eval/loss"] + 1e-6 or (
-        final["eval/rewards/margins"] < baseline["eval/rewards/margins"] - 1e-6
-    )
+    held-out loss or a lower reward margin (the policy moved towards the rejected answers).
+    Written as "not as good", so a NaN anywhere counts as regressed, never as fine."""
+    loss_held = final["eval/loss"] <= baseline["eval/loss"] + 1e-6
+    margin_held = final["eval/rewards/margins"] >= baseline["eval/rewards/margins"] - 1e-6
+    return not (loss_held and margin_held)
 
 
 def lr_lambda(scheduler: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -212,7 +214,10 @@ def precompute_reference(
             if counts:
                 chosen[batch["index"]], rejected[batch["index"]] = c, r
     distributed.reshard(reference.model)
-    return distributed.sum_across(chosen, ranks), distributed.sum_across(rejected, ranks)
+    chosen, rejected = distributed.sum_across(chosen, ranks), distributed.sum_across(rejected, ranks)
+    if not bool(torch.isfinite(chosen).all() and torch.isfinite(rejected).all()):
+        raise NonFiniteError(0, "reference log-probs")
+    return chosen, rejected
 
 
 def step_batches(order: list[int], batch_size: int) -> list[list[int]]:
@@ -466,14 +471,28 @@ def train_step(run: Run, indices: list[int]) -> dict:
         distributed.average_gradients(run.params, ranks)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.train.max_grad_norm or float("inf"))
     lr = run.scheduler.get_last_lr()[0]
+    distributed.sum_across(sums, ranks)
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    *pair_sums, tokens, norm = torch.cat([sums, norm.detach().double().reshape(1)]).tolist()  # one host sync
+    metrics = summarise(pair_sums)
+    check_finite({**metrics, "gradient norm": norm}, run.state.step + 1)  # before the step: no weight takes it
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.state.step += 1
-    distributed.sum_across(sums, ranks)
-    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-    *pair_sums, tokens, norm = torch.cat([sums, norm.detach().double().reshape(1)]).tolist()  # one host sync
-    return {**summarise(pair_sums), "step": run.state.step, "grad_norm": norm, "lr": lr, "tokens": int(tokens)}
+    return {**metrics, "step": run.state.step, "grad_norm": norm, "lr": lr, "tokens": int(tokens)}
+
+
+def check_finite(values: dict, step: int, prefix: str = "") -> None:
+    """Raise NonFiniteError naming the first of `values` that is inf or NaN, causes first: the
+    policy's log-probs, then the rewards and loss built on them, then the gradient."""
+    causes = [f"{prefix}{name}" for name in FINITE_ORDER if f"{prefix}{name}" in values]
+    for name in causes + [n for n in values if n not in causes]:
+        if isinstance(values[name], float) and not math.isfinite(values[name]):
+            raise NonFiniteError(step, name)
+
+
+FINITE_ORDER = ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "loss", "gradient norm")
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 reuses buffers gathered here when training
@@ -492,7 +511,9 @@ def evaluate(run: Run) -> dict:
                 sums += scores.metric_sums()
     distributed.reshard(policy)
     policy.train(was_training)
-    return summarise(distributed.sum_across(sums, ranks).tolist(), prefix="eval/")
+    metrics = summarise(distributed.sum_across(sums, ranks).tolist(), prefix="eval/")
+    check_finite(metrics, run.state.step, prefix="eval/")
+    return metrics
 
 
 def record_samples(run: Run, result: dict) -> None:
