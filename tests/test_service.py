@@ -360,7 +360,11 @@ def test_verify_binds_method_path_query_and_body_exactly():
     [
         ({"communityId": "c", "config": {"nope": 1}}, "config.nope", "unknown key"),
         ({"communityId": "c", "config": {"beta": 0}}, "config.beta", "greater than or equal to 0.001"),
-        ({"communityId": "c", "config": {"loss": "ipo", "beta": 1e-40}}, "config.beta", "greater than or equal to 0.001"),
+        (
+            {"communityId": "c", "config": {"loss": "ipo", "beta": 1e-40}},
+            "config.beta",
+            "greater than or equal to 0.001",
+        ),
         ({"communityId": "c", "config": {"epochs": 1000}}, "config.epochs", "less than or equal to 100"),
         ({"communityId": "c", "config": {"learning_rate": "0.1"}}, "config.learning_rate", "valid number"),
         (
