@@ -356,3 +356,32 @@ def test_an_unusable_credential_file_is_named_in_the_error(tmp_path):
     path.write_text(json.dumps({"type": "something_else"}))
     with pytest.raises(StorageError, match=f"DPO_FIREBASE_CREDENTIALS \\({path}\\)"):
         file_credential(str(path))
+
+
+@pytest.mark.parametrize("name", ["../escaped.txt", "/tmp/absolute.txt", "a/../../escaped.txt", ""])
+def test_a_download_writes_nothing_outside_out_and_keeps_no_file_that_fails_its_sha256(firebase_env, tmp_path, name):
+    """The manifest is data from the bucket: an entry "../x" or an absolute path used to be
+    written where it pointed, and a file whose sha256 did not match stayed behind."""
+    import hashlib
+
+    clients, settings = clients_for(firebase_env), Settings()
+    job_id, community = "a" * 32, "hostile"
+    prefix = settings.artifacts_prefix.format(communityId=community, jobId=job_id)
+    bucket = clients.bucket()
+
+    def publish(files: list[dict]) -> None:
+        bucket.blob(prefix + "manifest.json").upload_from_string(json.dumps({"job_id": job_id, "files": files}))
+
+    bucket.blob(prefix + name).upload_from_string(b"payload")
+    publish([{"path": name, "sha256": hashlib.sha256(b"payload").hexdigest()}])
+    out = tmp_path / "sub" / "out"
+    with pytest.raises(DownloadError, match=r"manifest entry .*(not a relative path|resolves outside)"):
+        download(clients, settings, job_id, out, community)
+    assert not (tmp_path / "sub" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+    assert not any(out.rglob("*"))
+
+    bucket.blob(prefix + "weights.bin").upload_from_string(b"tampered")
+    publish([{"path": "weights.bin", "sha256": hashlib.sha256(b"original").hexdigest()}])
+    with pytest.raises(DownloadError, match="weights.bin: sha256 .* does not match"):
+        download(clients, settings, job_id, out, community)
+    assert not any(out.rglob("*"))  # neither the file nor its partial download

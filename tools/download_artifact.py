@@ -26,6 +26,17 @@ class DownloadError(RuntimeError):
     pass
 
 
+def inside(out: Path, name: object) -> Path:
+    """Where manifest entry `name` goes: a relative path that stays inside `out`, else refused
+    (a manifest is data from the bucket: "../x" or "/etc/x" must not write outside --out)."""
+    if not isinstance(name, str) or not name or "\\" in name or Path(name).is_absolute():
+        raise DownloadError(f"manifest entry {name!r}: not a relative path inside the artifact")
+    target = (out / name).resolve()
+    if not target.is_relative_to(out.resolve()) or target == out.resolve():
+        raise DownloadError(f"manifest entry {name!r}: resolves outside --out ({out})")
+    return target
+
+
 def download(
     clients: FirebaseClients, settings: Settings, job_id: str, out: Path, community: str | None = None
 ) -> dict:
@@ -44,13 +55,18 @@ def download(
         raise DownloadError(f"no {MANIFEST} at gs://{bucket.name}/{prefix}: the artifact is missing or incomplete")
     manifest = json.loads(manifest_blob.download_as_bytes())
     out.mkdir(parents=True, exist_ok=True)
-    for entry in manifest["files"]:
-        target = out / entry["path"]
+    targets = [(entry, inside(out, entry["path"])) for entry in manifest["files"]]  # all checked first
+    for entry, target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
-        bucket.blob(prefix + entry["path"]).download_to_filename(str(target))
-        digest = sha256_of(target)  # streamed: a 7B model's weights are ~14 GB
-        if digest != entry["sha256"]:
-            raise DownloadError(f"{entry['path']}: sha256 {digest} does not match the manifest's {entry['sha256']}")
+        partial = target.with_name(f".{target.name}.partial")  # moved into place only once verified
+        try:
+            bucket.blob(prefix + entry["path"]).download_to_filename(str(partial))
+            digest = sha256_of(partial)  # streamed: a 7B model's weights are ~14 GB
+            if digest != entry["sha256"]:
+                raise DownloadError(f"{entry['path']}: sha256 {digest} does not match the manifest's {entry['sha256']}")
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
