@@ -99,6 +99,33 @@ def test_records_from_the_local_preference_source(server, client, toy):
     assert job["source"] == "local" and job["records"] == 40
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "bad-json.json",
+            '{"prompt": "p"}',
+            "bad-json.json: record -: field '<file>': bad-json.json: expected a JSON list",
+        ),
+        (
+            "bad-parquet.parquet",
+            "not parquet",
+            "bad-parquet.parquet: record -: field '<file>': bad-parquet.parquet: not a",
+        ),
+        ("bad-line.jsonl", "{nope\n", "bad-line.jsonl: record line 1: field '<json>': not valid JSON"),
+    ],
+)
+def test_a_bad_source_file_is_named_without_the_servers_paths(server, client, name, content, message):
+    """Errors reach the caller: they name the community's file, never where the server keeps it."""
+    prefs = Path(server.root) / "preferences"
+    prefs.mkdir(exist_ok=True)
+    (prefs / name).write_text(content)
+    job = wait_for(client, client.trigger(name.split(".")[0], config=FAST).json()["job_id"])
+    assert job["status"] == "failed" and job["error"]["type"] == "source_error", job["error"]
+    assert job["error"]["message"].startswith(message), job["error"]["message"]
+    assert str(server.root) not in job["error"]["message"] and "/" not in job["error"]["message"]
+
+
 def test_empty_community_fails_with_a_clear_message(client):
     job = wait_for(client, client.trigger("nobody-here", config=FAST).json()["job_id"])
     assert job["status"] == "failed"

@@ -374,14 +374,17 @@ def _json_value(value: Any) -> Any:
 
 def load_records_file(path: str) -> list[Any]:
     """Records from a .jsonl file (one per line), a .json file (a list) or a .parquet file (a
-    row each, as HuggingFace datasets write them; nested columns hold the message lists)."""
+    row each, as HuggingFace datasets write them; nested columns hold the message lists).
+    Errors name the file, not where it lies: they reach callers, who must not see server paths."""
+    name = Path(path).name
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as err:  # pyarrow's errors have no common base
-            raise RecordError("-", "<file>", f"{path}: not a readable Parquet file: {err}") from None
+            said = str(err).replace(str(Path(path).resolve()), name).replace(path, name)
+            raise RecordError("-", "<file>", f"{name}: not a readable Parquet file: {said}") from None
         # a column only some rows use is null in the others: such a row has no such field; values
         # JSON cannot hold (a timestamp column such as createdAt) become their ISO or text form
         rows = json.loads(json.dumps(rows, default=_json_value))
@@ -391,5 +394,5 @@ def load_records_file(path: str) -> list[Any]:
             return read_jsonl(fh)
         data = json.load(fh)
     if not isinstance(data, list):
-        raise RecordError("-", "<file>", f"{path}: expected a JSON list of records, got {_type_name(data)}")
+        raise RecordError("-", "<file>", f"{name}: expected a JSON list of records, got {_type_name(data)}")
     return data
