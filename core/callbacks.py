@@ -9,6 +9,7 @@ secret and scheme than requests use (core/auth.py): a callback can never verify 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -64,20 +65,37 @@ def webhook_headers(secret: str | None, msg_id: str, body: bytes, timestamp: int
 RETRYABLE = {408, 429}  # besides 5xx and network errors; any other 4xx is final
 
 
-def deliver(url: str, msg_id: str, body: bytes, secret: str | None, timeout_s: float) -> tuple[bool, bool, str]:
-    """One attempt: (delivered, worth retrying, what happened)."""
+MAX_RECEIVERS = 8  # receivers delivered to at once: a slow one holds up only its own callbacks
+
+
+async def deliver(
+    client: httpx.AsyncClient, url: str, msg_id: str, body: bytes, secret: str | None, timeout_s: float
+) -> tuple[bool, bool, str]:
+    """One attempt, `timeout_s` for the whole of it (connect, send, the answer): a receiver that
+    trickles its answer a byte at a time is cut off at the deadline, not after each byte's
+    timeout. (delivered, worth retrying, what happened)."""
     try:
-        response = httpx.post(url, content=body, headers=webhook_headers(secret, msg_id, body), timeout=timeout_s)
+        response = await asyncio.wait_for(
+            client.post(url, content=body, headers=webhook_headers(secret, msg_id, body)), timeout_s
+        )
+    except TimeoutError:
+        return False, True, f"no answer within {timeout_s:g} s"
     except httpx.HTTPError as err:
         return False, True, type(err).__name__
     code = response.status_code
     return code < 300, code >= 500 or code in RETRYABLE, f"HTTP {code}"
 
 
+def receiver(url: str) -> str:
+    return urlsplit(url).netloc.lower()
+
+
 class CallbackSender:
     """Delivers the job store's callback outbox with backoff (1, 2, 4, ... s, at most 5 min apart),
     `retries` attempts in all; every attempt and the outcome become `callback` events of the job.
-    The outbox lives in the job store, so a restart resumes delivery where it stopped."""
+    The outbox lives in the job store, so a restart resumes delivery where it stopped. Different
+    receivers are delivered to concurrently (at most MAX_RECEIVERS at once), one receiver's
+    callbacks in order, each attempt within `timeout_s` in all."""
 
     def __init__(self, store, secret: str | None, retries: int, timeout_s: float):
         self.store, self.secret, self.retries, self.timeout_s = store, secret, retries, timeout_s
@@ -98,25 +116,44 @@ class CallbackSender:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                for item in self.store.due_callbacks(time.time()):
-                    if self._stop.is_set():
-                        return
-                    self._attempt(item)
+                due = self.store.due_callbacks(time.time())
+                if due:
+                    asyncio.run(self._deliver_due(due))
             except Exception:  # the store or a receiver misbehaving must not end delivery
                 log.exception("callback delivery")
             self._wake.wait(timeout=1.0)
             self._wake.clear()
 
-    def _attempt(self, item: dict) -> None:
+    async def _deliver_due(self, due: list[dict]) -> None:
+        by_receiver: dict[str, list[dict]] = {}
+        for item in due:
+            by_receiver.setdefault(receiver(item["url"]), []).append(item)
+        slots = asyncio.Semaphore(MAX_RECEIVERS)
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+
+            async def one_receiver(items: list[dict]) -> None:
+                async with slots:
+                    for item in items:
+                        if self._stop.is_set():
+                            return
+                        await self._attempt(client, item)
+
+            await asyncio.gather(*(one_receiver(items) for items in by_receiver.values()))
+
+    async def _attempt(self, client: httpx.AsyncClient, item: dict) -> None:
         job_id, attempt = item["job_id"], item["attempts"] + 1
-        ok, retry, what = deliver(item["url"], f"msg_{job_id}", item["body"].encode(), self.secret, self.timeout_s)
+        body = item["body"].encode()
+        ok, retry, what = await deliver(client, item["url"], f"msg_{job_id}", body, self.secret, self.timeout_s)
         if ok:
             outcome, state, next_at = "delivered", "delivered", 0.0
         elif retry and attempt < self.retries:
             outcome, state, next_at = "retrying", "pending", time.time() + min(300.0, 2.0 ** (attempt - 1))
         else:
             outcome, state, next_at = "gave_up", "failed", 0.0
-        self.store.record_callback_attempt(job_id, state, next_at)
-        self.store.add_event(job_id, "callback", {"attempt": attempt, "result": what, "outcome": outcome})
+        await asyncio.to_thread(self._record, job_id, attempt, state, next_at, what, outcome)  # the store may block
         if outcome != "retrying":
             log.log(logging.INFO if ok else logging.WARNING, "callback for job %s: %s (%s)", job_id, outcome, what)
+
+    def _record(self, job_id: str, attempt: int, state: str, next_at: float, what: str, outcome: str) -> None:
+        self.store.record_callback_attempt(job_id, state, next_at)
+        self.store.add_event(job_id, "callback", {"attempt": attempt, "result": what, "outcome": outcome})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -684,6 +685,58 @@ def test_a_callback_answered_with_a_4xx_is_not_retried(server, client, toy):
         assert len(receiver.received) == 1
     finally:
         receiver.close()
+
+
+class Trickler:
+    """A receiver that reads the request, then answers one byte every 0.5 s for `seconds`."""
+
+    def __init__(self, seconds: float = 30):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/slow"
+        self.trickling = threading.Event()
+        self.seconds = seconds
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.recv(65536)
+            self.trickling.set()
+            deadline = time.monotonic() + self.seconds
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while time.monotonic() < deadline:
+                    conn.sendall(b"X")
+                    time.sleep(0.5)
+            except OSError:
+                pass  # the sender gave up and closed the connection
+            finally:
+                self.trickling.clear()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_trickling_receiver_is_cut_off_at_the_deadline_and_holds_up_no_other(tmp_path, toy):
+    """DPO_CALLBACK_TIMEOUT_S used to be a per-read timeout, and one thread delivered every
+    callback: a receiver answering a byte every 0.5 s delayed every other job's callback. Now
+    each attempt has the whole timeout, and receivers are delivered to concurrently."""
+    env = {"DPO_CALLBACK_ALLOWED_HOSTS": "127.0.0.1", "DPO_CALLBACK_RETRIES": "1", "DPO_CALLBACK_TIMEOUT_S": "2"}
+    slow, fast = Trickler(seconds=60), Receiver()
+    try:
+        with Server(tmp_path, env=env) as srv:
+            client = Client(srv.url, srv.secret)
+            jobs = {}
+            for name, url in (("cb-slow", slow.url), ("cb-fast", fast.url)):
+                payload = {"communityId": name, "dataset": toy(8), "config": FAST, "callbackUrl": url}
+                jobs[name] = wait_for(client, client.post("/trigger-finetune", payload).json()["job_id"])["job_id"]
+            # within 40 s, while the trickle would go on for 60: it holds up neither callback
+            assert callback_events(client, jobs["cb-fast"], 1, timeout_s=40)[0]["outcome"] == "delivered"
+            gave_up = callback_events(client, jobs["cb-slow"], 1, timeout_s=40)[0]
+            assert gave_up == {"attempt": 1, "result": "no answer within 2 s", "outcome": "gave_up"}, gave_up
+    finally:
+        slow.close()
+        fast.close()
 
 
 def test_callbacks_survive_a_restart(tmp_path, toy):
