@@ -213,13 +213,24 @@ async def enqueue(store: JobStore, new_job: NewJob, settings: Settings) -> Job:
     return job
 
 
-async def wait_for_end(store: JobStore, runner: Runner, job_id: str) -> JSONResponse:
-    """`?wait=true`: poll (off the event loop) until the job ends; the old synchronous shape."""
+async def wait_for_end(request: Request, store: JobStore, runner: Runner, job_id: str, settings: Settings) -> Response:
+    """`?wait=true`: poll (off the event loop, backing off from 0.25 s to 2 s) until the job
+    ends; the old synchronous shape. Bounded: after DPO_WAIT_MAX_S the answer is the 202 a
+    trigger without wait gets (the job goes on; poll its status_url), and a client that went away
+    stops the wait (the job goes on too)."""
+    deadline, pause = time.monotonic() + settings.wait_max_s, 0.25
     while True:
         job = await asyncio.to_thread(store.get, job_id)
         if job.status in FINAL or runner.stopping:
             break
-        await asyncio.sleep(0.25)
+        if time.monotonic() >= deadline:
+            body = {"status": job.status, "job_id": job_id, "status_url": status_url(request, settings, job_id)}
+            return JSONResponse(body, status_code=202, headers={"Retry-After": "10"})
+        if await request.is_disconnected():
+            log.info("job %s: the ?wait=true client went away; the job goes on", job_id)
+            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(2.0, pause * 1.5)
     view = job_view(job)
     body = {"job_id": job_id, "job_status": view["status"]}
     if view["status"] == "succeeded":
@@ -262,7 +273,7 @@ async def trigger_finetune(
     job = await enqueue(res.store, new_job, settings)
     res.runner.notify()
     if wait:
-        return await wait_for_end(res.store, res.runner, job.id)
+        return await wait_for_end(request, res.store, res.runner, job.id, settings)
     # a repeated request (same Idempotency-Key and body) answers its job as it is now
     return {"status": job.status, "job_id": job.id, "status_url": status_url(request, settings, job.id)}
 
@@ -363,6 +374,36 @@ def _view_or_none(store: JobStore, job_id: str) -> dict | None:
     return job_view(job) if job else None
 
 
+class RecordLatency:
+    """Each request's latency by method, route and status (Prometheus). Plain ASGI rather than
+    @app.middleware("http"), whose wrapped receive hides a client's disconnect from the route
+    (a ?wait=true poll must see it)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), {"code": 500}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            resources = getattr(scope["app"].state, "resources", None)  # None before the lifespan ran
+            if resources is not None:
+                path = getattr(scope.get("route"), "path", "unmatched")
+                method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # bounded label values
+                resources.metrics.request_latency.labels(method, path, str(status["code"])).observe(
+                    time.perf_counter() - started
+                )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     if settings.webhook_secret is None and not settings.allow_unsigned:
@@ -422,19 +463,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         remember=lambda mac, expires_at, key: app.state.resources.store.remember_signature(mac, expires_at, key),
     )
 
-    @app.middleware("http")
-    async def record_latency(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        resources = getattr(request.app.state, "resources", None)  # None before the lifespan ran
-        method = request.method if request.method in KNOWN_METHODS else "other"  # bounded label values
-        if resources is not None:
-            resources.metrics.request_latency.labels(method, path, str(response.status_code)).observe(
-                time.perf_counter() - started
-            )
-        return response
+    app.add_middleware(RecordLatency)
 
     app.include_router(router)
     if settings.dashboard_token is not None:

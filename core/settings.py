@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     job_stall_s: float = Field(300, gt=0)  # a trainer subprocess silent this long is stopped ('stalled')
     stop_grace_s: float = Field(20, gt=0)  # after SIGTERM, a trainer subprocess gets this long before SIGKILL
     job_timeout_s: float = Field(24 * 3600, gt=0)  # a job running longer fails with 'timeout'
+    wait_max_s: float = Field(600, gt=0)  # ?wait=true answers 202 (still running: poll) after this long
 
     # Models. The default is the model a trigger without config.model trains: a config/model preset
     # name, or a hub id / local path from the allow-list (trained with the `custom` preset's settings).

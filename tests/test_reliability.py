@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -151,6 +152,30 @@ def test_a_nan_metric_never_counts_as_not_regressed_and_is_stored_as_null(tmp_pa
     record({"kind": "eval", "step": 1, "metrics": {"eval/loss": float("inf")}})
     assert store.get(job.id).metrics == {"lr": 1.0}  # the NaN loss is not stored
     assert [e["data"] for e in store.events(job.id, 0, 10) if e["kind"] == "eval"] == [{"step": 1, "eval/loss": None}]
+
+
+def test_a_wait_is_bounded_and_ends_when_its_client_goes_away(tmp_path, toy):
+    """?wait=true used to poll until the job ended, even for a client long gone (400 abandoned
+    waits tripled /health's latency). Now it answers 202 after DPO_WAIT_MAX_S, and a client that
+    disconnects ends its wait (the job goes on either way)."""
+    with Server(tmp_path, env={"DPO_WAIT_MAX_S": "1"}) as srv:
+        client = Client(srv.url, srv.secret)
+        response = client.trigger("long-wait", toy(256), {"epochs": 50}, params={"wait": "true"})
+        assert response.status_code == 202 and response.headers["Retry-After"] == "10", response.text
+        assert response.json()["status"] in ("queued", "running")
+        job_id = response.json()["job_id"]
+        client.post(f"/jobs/{job_id}/cancel")
+        wait_for(client, job_id)
+    with Server(tmp_path / "again", env={"DPO_WAIT_MAX_S": "600"}) as srv:
+        client = Client(srv.url, srv.secret, timeout=1.0)
+        with pytest.raises(httpx.ReadTimeout):
+            client.trigger("gone", toy(256), {"epochs": 50}, params={"wait": "true"})
+        deadline = time.monotonic() + 30
+        while "the ?wait=true client went away" not in srv.log_path.read_text():
+            assert time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.2)
+        job_id = Client(srv.url, srv.secret).get("/jobs").json()["jobs"][0]["job_id"]
+        Client(srv.url, srv.secret).post(f"/jobs/{job_id}/cancel")
 
 
 # -- hostile input ------------------------------------------------------------------------------

@@ -5,14 +5,15 @@ answers. At the baseline and at the end of a job the loop asks a `Sampler` for g
 the first `eval.samples` held-out prompts (the same prompt tokens training saw: chat template,
 truncation), and, when the caller said what the preferred behaviour looks like (`eval.contains`,
 a regex), the share of answers that show it.
+
+torch is imported where it is used: the service reads this module's limits for its request schema
+and must start even where torch cannot be imported (D10's fallback).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-import torch
 
 MAX_SAMPLES = 64  # eval.samples above this is a config error: generation is slow next to scoring
 MAX_NEW_TOKENS = 256  # (a samples event then stays well under a Firestore document's 1 MiB)
@@ -62,10 +63,11 @@ class Sampler:
             eos_token_id=sorted(eos),
         )
 
-    @torch.no_grad()
     def answers(self, model, prompts: list[list[int]], forward) -> list[str]:
         """Greedy answers to `prompts` (token ids), a few at a time, left-padded. `forward`: the
         job's compute context (bf16 autocast or nothing)."""
+        import torch
+
         device = next(model.parameters()).device
         config = self.generation_config(model)
         was_training = model.training
@@ -78,7 +80,7 @@ class Sampler:
                 pad = self.tokenizer.pad_token_id
                 ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
                 mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-                with forward():
+                with torch.no_grad(), forward():
                     generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
                 for row in generated[:, width:]:
                     out.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
