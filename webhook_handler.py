@@ -133,7 +133,7 @@ def worker_check(runner: Runner) -> str:
         return "not running"
     stuck = runner.stuck_jobs()
     if stuck:
-        return f"trainer of job {stuck[0]} silent for over DPO_JOB_STALL_S; it is being stopped"
+        return f"trainer of job {stuck[0]} silent for over half of DPO_JOB_STALL_S; it is stopped at the full limit"
     return "ok"
 
 
@@ -460,7 +460,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         secrets=settings.webhook_secrets,
         max_body_bytes=settings.max_body_bytes,
         tolerance_s=settings.signature_tolerance_s,
-        remember=lambda mac, expires_at, key: app.state.resources.store.remember_signature(mac, expires_at, key),
+        remember=lambda digest, expires_at, key: app.state.resources.store.remember_signature(digest, expires_at, key),
     )
 
     app.add_middleware(RecordLatency)

@@ -248,9 +248,10 @@ class Runner:
         return job_id in self._stop_requests
 
     def stuck_jobs(self) -> list[str]:
-        """Subprocess jobs whose trainer has been silent longer than DPO_JOB_STALL_S (the
-        watcher is stopping them; /ready reports them meanwhile)."""
-        now, limit = time.monotonic(), self.settings.job_stall_s
+        """Subprocess jobs whose trainer has been silent for over half of DPO_JOB_STALL_S: /ready
+        reports them from then on, before the watcher stops them at the full limit (a warning
+        that lasts long enough to be seen, not only in the instant before the stop)."""
+        now, limit = time.monotonic(), self.settings.job_stall_s / 2
         with self._lock:
             return sorted(job_id for job_id, heard in self._heard.items() if now - heard > limit)
 
