@@ -93,18 +93,26 @@ def parse_header(header: str | None, tolerance_s: int, now: float | None = None)
 
 
 class Macs:
-    """The HMACs of one request under each secret, fed as the body arrives (no copy of a large
-    body is hashed in one go on the event loop; hashlib releases the GIL on large chunks)."""
+    """The HMACs of one request under each secret, and the SHA-256 of its string to sign, fed as
+    the body arrives (no copy of a large body is hashed in one go on the event loop; hashlib
+    releases the GIL on large chunks)."""
 
     def __init__(
         self, secrets: list[str], t: int, method: str, path: str, query: str | dict | None, idempotency_key: str = ""
     ):
         prefix = string_to_sign(t, method, path, query, b"", idempotency_key)
         self._macs = [hmac.new(secret.encode(), prefix, hashlib.sha256) for secret in secrets]
+        self._digest = hashlib.sha256(prefix)
 
     def update(self, chunk: bytes) -> None:
         for mac in self._macs:
             mac.update(chunk)
+        self._digest.update(chunk)
+
+    def digest(self) -> str:
+        """The request's own identity (the replay cache's key): derived by the server from the
+        string to sign, so one request is one entry whichever `v1=` values (secrets) carry it."""
+        return self._digest.hexdigest()
 
     def check(self, given: list[str]) -> str:
         """The matching v1 value, or Unauthorized. Every comparison is constant-time."""
@@ -130,7 +138,7 @@ def verify(
     now: float | None = None,
 ) -> str:
     """Raise Unauthorized unless `header` is a fresh, valid signature of this request;
-    returns the matching MAC (the replay cache's key)."""
+    returns the matching MAC."""
     t, given = parse_header(header, tolerance_s, now)
     macs = Macs([secrets] if isinstance(secrets, str) else secrets, t, method, path, query)
     macs.update(body)

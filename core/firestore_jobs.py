@@ -652,13 +652,13 @@ class FirestoreJobStore:
 
     # -- signatures and health -------------------------------------------------------------
     @_unavailable
-    def remember_signature(self, mac: str, expires_at: float, idempotency_key: str = "") -> bool:
+    def remember_signature(self, digest: str, expires_at: float, idempotency_key: str = "") -> bool:
         """The first store call of every trigger, so one plain create: it fails within TIMEOUT_S
         when Firestore is unreachable (a transaction's begin retries for a minute), and only a
         signature seen before costs a second call."""
         from google.api_core.exceptions import Conflict
 
-        ref = self.signatures.document(mac)
+        ref = self.signatures.document(digest)  # the request's SHA-256, whichever secrets signed it
         fields = {"expiresAt": dt.datetime.fromtimestamp(expires_at, tz=dt.UTC), "idemKey": idempotency_key}
         try:
             ref.create(fields, timeout=TIMEOUT_S, retry=None)  # expiresAt, a Timestamp, suits a TTL policy

@@ -4,9 +4,10 @@ raw bytes before any route, JSON parser or validator sees the request.
 - A declared Content-Length over the limit: 413 before the body is read.
 - A missing, malformed or stale signature header: 401 before the body is read.
 - The body is read (413 once past the limit) and fed to the HMAC chunk by chunk as it arrives;
-  the signature covers method, path, query and body. A trigger is then remembered for the
-  tolerance window: the same request sent again is a 401 (replay), unless repeated with the
-  Idempotency-Key it first came with.
+  the signature covers method, path, query and body. A trigger is then remembered (by the
+  SHA-256 of its string to sign) for the tolerance window: the same request sent again, with any
+  set of valid `v1=` values, is a 401 (replay), unless repeated with the Idempotency-Key it first
+  came with.
 Only then does the request reach the app, which reads the same bytes.
 """
 
@@ -40,8 +41,8 @@ class Gate:
         tolerance_s: int,
         remember: Callable[[str, float, str], bool] | None = None,
     ):
-        """`secrets`: None only with DPO_ALLOW_UNSIGNED=1. `remember(mac, expires_at, key)`: False
-        for a replay (JobStore.remember_signature)."""
+        """`secrets`: None only with DPO_ALLOW_UNSIGNED=1. `remember(digest, expires_at, key)`:
+        False for a replay (JobStore.remember_signature)."""
         self.app, self.secrets, self.limit, self.tolerance = app, secrets, max_body_bytes, tolerance_s
         self.remember = remember
 
@@ -73,14 +74,16 @@ class Gate:
         body = await self._read_body(receive, macs)
         if body is _GONE or macs is None:
             return body
-        mac = macs.check(given)
+        macs.check(given)
         # a signed trigger is accepted once (a replay would start a second training), unless it is
         # repeated with the Idempotency-Key it first came with (that answers the same job). The
-        # other POST, cancel, has the same effect however often it is sent.
+        # other POST, cancel, has the same effect however often it is sent. The cache keys on the
+        # request's digest, not on a v1 value the caller chose: while secrets rotate, one request
+        # signed with both and then with one is still one request.
         if scope["method"] == "POST" and scope["path"] in ACCEPTED_ONCE and self.remember is not None:
             key = headers.get("idempotency-key", "")
             try:
-                fresh = await asyncio.to_thread(self.remember, mac, t + self.tolerance, key)
+                fresh = await asyncio.to_thread(self.remember, macs.digest(), t + self.tolerance, key)
             except StoreUnavailable as err:  # the replay check needs the (shared) store
                 raise Unavailable(
                     f"the job store is unavailable ({err}); retry",

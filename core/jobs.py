@@ -79,7 +79,7 @@ CREATE TABLE IF NOT EXISTS outbox (  -- completion callbacks still to deliver; s
     state    TEXT NOT NULL DEFAULT 'pending'  -- pending | delivered | failed
 );
 CREATE TABLE IF NOT EXISTS seen_signatures (  -- signed triggers within the signature tolerance: replays are refused
-    mac        TEXT PRIMARY KEY,
+    mac        TEXT PRIMARY KEY,  -- the request's digest (SHA-256 of its string to sign; the column keeps its first name)
     expires_at REAL NOT NULL,
     idem_key   TEXT NOT NULL DEFAULT ''  -- the Idempotency-Key it came with ('' for none)
 );
@@ -394,17 +394,18 @@ class SqliteJobStore:
         )
         return [_row_to_job(row) for row in rows.fetchall()]
 
-    def remember_signature(self, mac: str, expires_at: float, idempotency_key: str = "") -> bool:
-        """Record a trigger's signature until it expires. False for a replay: the signature was seen
+    def remember_signature(self, digest: str, expires_at: float, idempotency_key: str = "") -> bool:
+        """Record a signed trigger (`digest`: the SHA-256 of its string to sign, the same whichever
+        secrets signed it) until its signature expires. False for a replay: the request was seen
         before, unless both times with the same non-empty Idempotency-Key (a safe repeat: it
         answers the same job). A key added to a captured request does not make it new."""
         with self._lock:
             self._db.execute("DELETE FROM seen_signatures WHERE expires_at < ?", (time.time(),))
-            row = self._db.execute("SELECT idem_key FROM seen_signatures WHERE mac = ?", (mac,)).fetchone()
+            row = self._db.execute("SELECT idem_key FROM seen_signatures WHERE mac = ?", (digest,)).fetchone()
             if row is None:
                 self._db.execute(
                     "INSERT INTO seen_signatures (mac, expires_at, idem_key) VALUES (?, ?, ?)",
-                    (mac, expires_at, idempotency_key),
+                    (digest, expires_at, idempotency_key),
                 )
                 return True
         return bool(idempotency_key) and row["idem_key"] == idempotency_key

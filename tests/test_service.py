@@ -353,6 +353,24 @@ def test_rotated_secrets_both_verify(tmp_path_factory):
         assert Client(srv.url, "retired-secret").get("/jobs").status_code == 401
 
 
+def test_a_trigger_signed_with_both_rotated_secrets_is_still_accepted_once(tmp_path_factory, toy):
+    """Issue 24.1: the replay cache keys on the request (its string to sign), not on the v1
+    value the caller sent, so the same trigger re-sent with fewer or other v1 values is a replay."""
+    root = tmp_path_factory.mktemp("rotation-replay")
+    with Server(root, secret="new-secret,old-secret") as srv:
+        body = json.dumps({"communityId": "rotating", "dataset": toy(8), "config": FAST}).encode()
+        t = int(time.time())
+        both = sign(["new-secret", "old-secret"], "POST", PATH, body, timestamp=t)
+        first = _raw_post(srv, body, both)
+        assert first.status_code == 202, first.text
+        wait_for(Client(srv.url, "new-secret"), first.json()["job_id"])  # ended: no 409 for the community
+        for secrets in (["new-secret"], ["old-secret"], ["old-secret", "new-secret"]):
+            again = _raw_post(srv, body, sign(secrets, "POST", PATH, body, timestamp=t))
+            assert again.status_code == 401, (secrets, again.text)
+            assert again.json()["error"]["message"] == REPLAYED_SIGNATURE
+        assert len(Client(srv.url, "new-secret").get("/jobs").json()["jobs"]) == 1
+
+
 def test_unsigned_bodies_are_refused_before_they_are_parsed(server):
     """Not a 422 about the JSON: the gate answers before any parser sees the bytes."""
     for headers in ({}, {HEADER: sign("wrong", "POST", PATH, b"{not json")}):
