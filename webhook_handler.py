@@ -20,6 +20,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
 
@@ -61,7 +62,7 @@ from core.schemas import (
     job_view,
     jobs_page,
 )
-from core.settings import Settings, get_settings
+from core.settings import Settings, get_settings, settings_problem
 from core.store import (
     FINAL,
     ActiveJobConflict,
@@ -507,7 +508,10 @@ def __getattr__(name: str):
     global _app
     if name == "app":
         if _app is None:
-            settings = get_settings()
+            try:
+                settings = get_settings()
+            except ValidationError as err:  # one line naming the variables, not a traceback
+                raise SystemExit(settings_problem(err)) from None
             configure_logging(settings.log_format)
             _app = create_app(settings)
         return _app

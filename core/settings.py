@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.config import available
@@ -151,6 +151,19 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _keys_outlive_replays(self):
+        """A trigger is re-sendable with its Idempotency-Key while its signature is fresh: up to
+        2 x the tolerance after it first arrived (a `t` up to the tolerance ahead of the clock). A
+        key forgotten sooner would turn that replay into a second job."""
+        if self.idempotency_ttl_s < 2 * self.signature_tolerance_s:
+            raise ValueError(
+                f"DPO_IDEMPOTENCY_TTL_S ({self.idempotency_ttl_s:g} s) must be at least twice"
+                f" DPO_SIGNATURE_TOLERANCE_S ({self.signature_tolerance_s} s): a captured trigger stays"
+                " valid that long, and an Idempotency-Key forgotten sooner lets it make a second job"
+            )
+        return self
+
     @property
     def webhook_secrets(self) -> list[str] | None:
         """The request-signing secrets (current first), or None when unsigned requests are allowed."""
@@ -174,3 +187,15 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_problem(err: ValidationError) -> str:
+    """A settings error as one line naming the variables: what the server prints when it refuses
+    to start (not pydantic's multi-line report with the values echoed)."""
+    parts = []
+    for item in err.errors():
+        cause = item.get("ctx", {}).get("error")
+        message = str(cause) if cause is not None else item["msg"]
+        field = ".".join(str(p) for p in item["loc"])
+        parts.append(f"DPO_{field.upper()}: {message}" if field else message)
+    return "invalid settings, refusing to start: " + "; ".join(parts)

@@ -809,6 +809,25 @@ def test_refuses_to_start_without_a_secret(tmp_path):
     assert "DPO_WEBHOOK_SECRET is not set: refusing to start" in srv.log_tail()
 
 
+def test_an_idempotency_ttl_shorter_than_a_signature_lives_is_refused_at_start(tmp_path):
+    """Issue 24.6: with keys forgotten before a captured trigger goes stale, the trigger re-sent
+    with its key would make a second job; the server refuses such settings in one line."""
+    from core.settings import Settings
+
+    srv = Server(tmp_path, env={"DPO_IDEMPOTENCY_TTL_S": "3"})
+    with pytest.raises(RuntimeError, match="server exited"):
+        srv.start(timeout_s=30)
+    expected = (
+        "invalid settings, refusing to start: DPO_IDEMPOTENCY_TTL_S (3 s) must be at least twice"
+        " DPO_SIGNATURE_TOLERANCE_S (300 s): a captured trigger stays valid that long, and an"
+        " Idempotency-Key forgotten sooner lets it make a second job"
+    )
+    assert srv.log_tail(n=1) == expected and "Traceback" not in srv.log_tail()
+    with pytest.raises(ValueError, match="at least twice DPO_SIGNATURE_TOLERANCE_S"):
+        Settings(idempotency_ttl_s=599, signature_tolerance_s=300)  # a t 300 s ahead lives 600 s
+    assert Settings(idempotency_ttl_s=20, signature_tolerance_s=10).idempotency_ttl_s == 20
+
+
 def test_allow_unsigned_starts_with_a_loud_warning(tmp_path):
     srv = Server(tmp_path, env={"DPO_ALLOW_UNSIGNED": "1"})
     del srv.env["DPO_WEBHOOK_SECRET"]
