@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.serve import Server  # noqa: E402
+from tools.serve import run_pipeline  # noqa: E402
 from tools.trigger import Client, submit_and_follow  # noqa: E402
 from training.records import load_records_file  # noqa: E402
 
@@ -64,15 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         "eval_samples": args.samples,
         "eval_contains": BEHAVIOUR,
     }
-    server = Server(Path(args.root).resolve())
-    print(f"starting the service on {server.url} (log: {server.log_path})")
-    try:
-        server.start()
+
+    def pipeline(server) -> int:
         client = Client(server.url, server.secret)
         print(f"training SmolLM2-135M-Instruct (LoRA) on {len(train)} preference pairs, {len(validation)} held out")
         job = submit_and_follow(client, "greeting-community", train, config, timeout_s=3600, validation=validation)
         if job is None or job["status"] != "succeeded":
-            print(server.log_tail(), file=sys.stderr)
             return 1
         final_eval = job["final_eval"]
         show(samples_of(client, job["job_id"]), final_eval, args.show)
@@ -81,13 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             print("the preferred behaviour did not become more common", file=sys.stderr)
             return 1
         return 0
-    except Exception as err:
-        print(f"real-trigger failed: {err}\n{server.log_tail()}", file=sys.stderr)
-        return 1
-    finally:
-        if server.proc is not None:
-            server.stop()
-            print(f"server (pid {server.proc.pid}) stopped")
+
+    return run_pipeline(Path(args.root), "real-trigger", pipeline)
 
 
 if __name__ == "__main__":

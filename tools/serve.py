@@ -109,3 +109,23 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def run_pipeline(root: Path, name: str, body) -> int:
+    """make toy-trigger / real-trigger: start the service under `root`, run `body(server)` (its
+    exit code), show the server's log tail when it fails, and always stop the server by PID."""
+    server = Server(Path(root).resolve())
+    print(f"starting the service on {server.url} (log: {server.log_path})")
+    try:
+        server.start()
+        code = body(server)
+        if code != 0:
+            print(server.log_tail(), file=sys.stderr)
+        return code
+    except Exception as err:
+        print(f"{name} failed: {err}\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        if server.proc is not None:
+            server.stop()
+            print(f"server (pid {server.proc.pid}) stopped")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.serve import Server  # noqa: E402
+from tools.serve import run_pipeline  # noqa: E402
 from tools.toy_data import toy_records  # noqa: E402
 from tools.trigger import Client, submit_and_follow  # noqa: E402
 
@@ -23,23 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".cache/toy-service", help="data, artifacts and server log go here")
     parser.add_argument("--n", type=int, default=256)
     args = parser.parse_args(argv)
-    server = Server(Path(args.root).resolve())
-    print(f"starting the service on {server.url} (log: {server.log_path})")
-    try:
-        server.start()
-        job = submit_and_follow(Client(server.url, server.secret), "toy-community", toy_records(args.n), timeout_s=1800)
+
+    def pipeline(server) -> int:
+        client = Client(server.url, server.secret)
+        job = submit_and_follow(client, "toy-community", toy_records(args.n), timeout_s=1800)
         if job is None or job["status"] != "succeeded":
-            print(server.log_tail(), file=sys.stderr)
             return 1
         print("files: " + ", ".join(job["artifact"]["files"]))
         return 0
-    except Exception as err:
-        print(f"toy-trigger failed: {err}\n{server.log_tail()}", file=sys.stderr)
-        return 1
-    finally:
-        if server.proc is not None:
-            server.stop()
-            print(f"server (pid {server.proc.pid}) stopped")
+
+    return run_pipeline(Path(args.root), "toy-trigger", pipeline)
 
 
 if __name__ == "__main__":
