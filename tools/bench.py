@@ -1,7 +1,7 @@
 """Our trainer against TRL's DPOTrainer, side by side, same model, data and hyper-parameters.
 
     python tools/bench.py            # full: 512 pairs, 4 configurations, 2 interleaved repeats
-    python tools/bench.py --quick    # smoke check in under 3 minutes
+    python tools/bench.py --quick    # smoke check in ~5 minutes
 
 For each configuration (20M Llama-style model with vocab 384 or 32,000; full fine-tuning or
 LoRA r16) it runs, interleaved (A B C A B C ...), each in a fresh subprocess:
@@ -13,6 +13,12 @@ and records job wall time (model load to saved weights, reference work included)
 (non-pad chosen+rejected tokens trained / wall), peak RSS, final train loss, held-out reward
 accuracy (the same evaluator, our log-prob code, for every run), and useful GFLOP/s against a
 measured fp32 matmul rate. Results: bench-results/latest.json and a table on stdout.
+
+Both trainers do the same work: HYPER["gradient_checkpointing"] is given to each explicitly
+(TRL's DPOConfig turns it on by default; ours is off for the tiny model), off here unless
+--gradient-checkpointing. `ours_config` and `trl_config` build each side's settings; the other
+benches (bench_learning, bench_gpu, bench_real) train through them too, and
+tests/test_benches.py checks that the two sides agree.
 """
 
 from __future__ import annotations
@@ -35,7 +41,17 @@ from tools.learning_tasks import task_split  # noqa: E402
 
 MODEL = {"hidden_size": 384, "num_layers": 8, "num_heads": 6, "intermediate_size": 1536, "vocab_size": 384}
 HELDOUT = 64  # held-out pairs per task, scored for every run
-HYPER = {"beta": 0.1, "lr": 5e-4, "batch_size": 8, "max_length": 128, "warmup": 5, "epochs": 1, "seed": 0, "lora_r": 16}
+HYPER = {
+    "beta": 0.1,
+    "lr": 5e-4,
+    "batch_size": 8,
+    "max_length": 128,
+    "warmup": 5,
+    "epochs": 1,
+    "seed": 0,
+    "lora_r": 16,
+    "gradient_checkpointing": False,  # both trainers, explicitly (TRL's own default is on)
+}
 CONFIGS = {
     "full-v384": {"vocab": None, "lora": False},
     "lora-v384": {"vocab": None, "lora": True},
@@ -91,11 +107,13 @@ def matmul_params(model) -> int:
 
 
 # -- one run (in its own process) --------------------------------------------------------------
-def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str, hyper: dict = HYPER) -> dict:
+def ours_config(model_path: Path, lora: bool, device: str, hyper: dict = HYPER, preset: str = "tiny"):
+    """Our trainer's config for a bench run: the model preset `preset` with the bench's
+    hyper-parameters set over it (every one that TRL's side sets too)."""
     from training.config import compose_config
-    from training.facade import run_training
 
-    cfg = compose_config(
+    return compose_config(
+        model=preset,
         values={
             "model.name_or_path": str(model_path),
             "model.build": None,
@@ -105,6 +123,7 @@ def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str, 
             "train.precision": "bf16-mixed" if device == "cuda" else "fp32",
             # the tiny model config's pass size is for a CPU; on a GPU a step goes in one pass
             **({"model.max_forward_tokens": None} if device == "cuda" else {}),
+            "train.gradient_checkpointing": bool(hyper["gradient_checkpointing"]),
             "loss.beta": hyper["beta"],
             "train.learning_rate": hyper["lr"],
             "train.batch_size": hyper["batch_size"],
@@ -116,11 +135,51 @@ def run_ours(model_path: Path, train: list, lora: bool, out: Path, device: str, 
             "data.max_length": hyper["max_length"],
             "data.max_prompt_length": hyper["max_length"] // 2,  # the tiny preset's 64 is for its 128
             "data.eval_fraction": 0.0,  # the bench evaluates every run itself, on the same held-out set
-        }
+            "eval.samples": 0,  # (and generates itself where it compares answers)
+        },
     )
-    result = run_training(cfg, train, out)
+
+
+def run_ours(
+    model_path: Path, train: list, lora: bool, out: Path, device: str, hyper: dict = HYPER, preset: str = "tiny"
+) -> dict:
+    from training.facade import run_training
+
+    result = run_training(ours_config(model_path, lora, device, hyper, preset), train, out)
     history = result.metrics["history"]
     return {"final_train_loss": history[-1]["loss"], "train_tokens": sum(h["tokens"] for h in history)}
+
+
+def trl_config(out: Path, precompute: bool, device: str, hyper: dict = HYPER):
+    """TRL's DPOConfig for a bench run: the same hyper-parameters as `ours_config`."""
+    import dataclasses
+
+    from trl import DPOConfig
+
+    # transformers >= 5.2x renamed gradient_checkpointing (now a deprecated alias) to activation_checkpointing
+    names = {f.name for f in dataclasses.fields(DPOConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return DPOConfig(
+        output_dir=str(out / "trl"),
+        beta=hyper["beta"],
+        learning_rate=hyper["lr"],
+        per_device_train_batch_size=hyper["batch_size"],
+        num_train_epochs=hyper["epochs"],
+        warmup_steps=hyper["warmup"],
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        max_length=hyper["max_length"],
+        seed=hyper["seed"],
+        precompute_ref_log_probs=precompute,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
+        disable_dropout=True,
+        dataloader_num_workers=0,
+        **{checkpointing: bool(hyper["gradient_checkpointing"])},  # TRL's default is on; ours is what hyper says
+    )
 
 
 def run_trl(
@@ -128,7 +187,7 @@ def run_trl(
 ) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from datasets import Dataset
 
@@ -149,26 +208,7 @@ def run_trl(
         peft_config = LoraConfig(
             r=hyper["lora_r"], lora_alpha=2 * hyper["lora_r"], target_modules="all-linear", task_type="CAUSAL_LM"
         )
-    args = DPOConfig(
-        output_dir=str(out / "trl"),
-        beta=hyper["beta"],
-        learning_rate=hyper["lr"],
-        per_device_train_batch_size=hyper["batch_size"],
-        num_train_epochs=hyper["epochs"],
-        warmup_steps=hyper["warmup"],
-        lr_scheduler_type="linear",
-        max_grad_norm=1.0,
-        max_length=hyper["max_length"],
-        seed=hyper["seed"],
-        precompute_ref_log_probs=precompute,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=device == "cpu",
-        bf16=bf16,
-        disable_dropout=True,
-        dataloader_num_workers=0,
-    )
+    args = trl_config(out, precompute, device, hyper)
     trainer = DPOTrainer(
         model=model,
         args=args,
@@ -183,8 +223,17 @@ def run_trl(
     return {"final_train_loss": losses[-1] if losses else None, "train_tokens": tokens[-1] if tokens else None}
 
 
-def heldout_accuracy(model_path: Path, out: Path, lora: bool, heldout: list, device: str) -> float:
-    """Reward accuracy on the held-out pairs: policy vs the initial model, our log-prob code."""
+def heldout_accuracy(
+    model_path: Path,
+    out: Path,
+    lora: bool,
+    heldout: list,
+    device: str,
+    max_length: int = HYPER["max_length"],
+    chat_template: str = "off",
+) -> float:
+    """Reward accuracy on the held-out pairs: policy vs the initial model, our log-prob code
+    (`chat_template`: data.chat_template, for plain-string pairs on a chat model)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -203,7 +252,7 @@ def heldout_accuracy(model_path: Path, out: Path, lora: bool, heldout: list, dev
         policy = AutoModelForCausalLM.from_pretrained(out)
     policy = policy.float().to(device).eval()
     pairs, _ = normalise_records(heldout)
-    examples = tokenize_pairs(tokenizer, pairs, HYPER["max_length"], 64, "keep_end")
+    examples = tokenize_pairs(tokenizer, pairs, max_length, max_length // 2, "keep_end", chat_template)
     wins = []
     with torch.inference_mode():
         for i in range(0, len(examples), 16):
@@ -221,14 +270,13 @@ def worker(args) -> int:
 
     torch.set_num_threads(args.threads)
     spec = json.loads(Path(args.spec).read_text())
-    out = Path(spec["out"])
+    out, hyper = Path(spec["out"]), spec["hyper"]
     started = time.perf_counter()
     if spec["trainer"] == "ours":
-        result = run_ours(Path(spec["model"]), spec["train"], spec["lora"], out, spec["device"])
+        result = run_ours(Path(spec["model"]), spec["train"], spec["lora"], out, spec["device"], hyper)
     else:
-        result = run_trl(
-            Path(spec["model"]), spec["train"], spec["lora"], out, spec["trainer"] == "trl-precompute", spec["device"]
-        )
+        precompute = spec["trainer"] == "trl-precompute"
+        result = run_trl(Path(spec["model"]), spec["train"], spec["lora"], out, precompute, spec["device"], hyper)
     wall = time.perf_counter() - started
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     accuracy = heldout_accuracy(Path(spec["model"]), out, spec["lora"], spec["heldout"], spec["device"])
@@ -239,7 +287,7 @@ def worker(args) -> int:
 
 
 # -- the driver --------------------------------------------------------------------------------
-def sequence_tokens(model_path: Path, train: list) -> int:
+def sequence_tokens(model_path: Path, train: list, max_length: int = HYPER["max_length"]) -> int:
     """Non-pad tokens of all chosen + rejected sequences (the throughput unit for everyone)."""
     from transformers import AutoTokenizer
 
@@ -249,7 +297,7 @@ def sequence_tokens(model_path: Path, train: list) -> int:
     tok = AutoTokenizer.from_pretrained(model_path)
     pairs, _ = normalise_records(train)
     return sum(
-        e.chosen_length + e.rejected_length for e in tokenize_pairs(tok, pairs, HYPER["max_length"], 64, "keep_end")
+        e.chosen_length + e.rejected_length for e in tokenize_pairs(tok, pairs, max_length, max_length // 2, "keep_end")
     )
 
 
@@ -266,8 +314,22 @@ def worker_env(threads: int) -> dict:
 
 
 def run_one(
-    trainer: str, model_path: Path, config: dict, train: list, heldout: list, workdir: Path, threads: int, device: str
+    trainer: str,
+    model_path: Path,
+    config: dict,
+    train: list,
+    heldout: list,
+    workdir: Path,
+    threads: int,
+    device: str,
+    hyper: dict = HYPER,
+    script: Path | None = None,
+    extra: dict | None = None,
+    tag: str = "@bench ",
 ) -> dict:
+    """One run in a fresh process: `script --worker --spec FILE --threads N` (this file's worker,
+    or another bench's with the same arguments; `extra`: more fields for its spec); returns the
+    JSON of its last `tag` line."""
     import shutil
 
     out = workdir / f"{trainer}-{time.time_ns()}"
@@ -282,11 +344,13 @@ def run_one(
                 "heldout": heldout,
                 "out": str(out),
                 "device": device,
+                "hyper": hyper,
+                **(extra or {}),
             }
         )
     )
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", "--spec", str(spec), "--threads", str(threads)],
+        [sys.executable, str(script or __file__), "--worker", "--spec", str(spec), "--threads", str(threads)],
         capture_output=True,
         text=True,
         env=worker_env(threads),
@@ -294,12 +358,12 @@ def run_one(
     )
     shutil.rmtree(out, ignore_errors=True)
     spec.unlink()
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("@bench ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(tag)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
             f"{trainer} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
-    return json.loads(lines[-1][len("@bench ") :])
+    return json.loads(lines[-1][len(tag) :])
 
 
 def summarise(runs: list[dict], tokens: int, flops_per_token: float, matmul: float) -> dict:
@@ -325,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in both trainers (default: neither)",
+    )
     parser.add_argument("--out", default="bench-results/latest.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -336,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
+    hyper = {**HYPER, "gradient_checkpointing": args.gradient_checkpointing}
     names = args.configs.split(",") if args.configs else (["full-v384", "lora-v384"] if args.quick else list(CONFIGS))
     trainers = ["ours", "trl"] if args.quick else ["ours", "trl", "trl-precompute"]
     n_train = args.pairs or (48 if args.quick else 512)
@@ -357,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "device": args.device,
             "matmul_gflops": matmul,
-            "hyper": HYPER,
+            "hyper": hyper,
             "model": MODEL,
         },
         "configs": {},
@@ -375,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = {t: [] for t in trainers}
             for repeat in range(args.repeats):
                 for trainer in trainers:  # interleaved: A B C A B C
-                    r = run_one(trainer, path, config, train, heldout, workdir, args.threads, args.device)
+                    r = run_one(trainer, path, config, train, heldout, workdir, args.threads, args.device, hyper)
                     runs[trainer].append(r)
                     print(
                         f"  {key} repeat {repeat + 1} {trainer:15s} wall {r['wall_s']:7.1f} s  rss {r['peak_rss_mb']:6.0f} MB"

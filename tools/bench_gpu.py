@@ -11,6 +11,8 @@ work included), tokens/s (non-pad chosen + rejected tokens / wall), model FLOPs 
 (useful FLOPs: 6N a token for a full fine-tune, 4N for LoRA, plus 2N for the reference forward,
 over the GPU's dense bf16 peak) and peak GPU memory. The JSON is written after each run.
 Goals (issue 15): >= 1.5x TRL's tokens/s, MFU >= 40%, peak memory <= 0.75x TRL's.
+Gradient checkpointing is the same for both trainers, set explicitly (`--gradient-checkpointing`:
+on by default on a GPU, as TRL's own default and our GPU presets' `auto`; off on the CPU).
 """
 
 from __future__ import annotations
@@ -84,6 +86,21 @@ def sequence_tokens(path: Path, train: list, max_length: int) -> int:
     return sum(e.chosen_length + e.rejected_length for e in examples)
 
 
+def gpu_hyper(lora: bool, max_length: int, gradient_checkpointing: bool) -> dict:
+    """The settings both trainers get (tools/bench.py's ours_config and trl_config read them)."""
+    return {
+        "beta": 0.1,
+        "lr": 2e-5 if lora else 1e-6,
+        "batch_size": 8,
+        "max_length": max_length,
+        "warmup": 2,
+        "epochs": 1,
+        "seed": 0,
+        "lora_r": 16,
+        "gradient_checkpointing": gradient_checkpointing,
+    }
+
+
 def build(shape: str, root: Path) -> Path:
     import tools.gpu_real_shape as real
 
@@ -143,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--gradient-checkpointing",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="both trainers alike; auto: on for cuda, off for cpu",
+    )
     parser.add_argument("--out", default="gpu-results/speed.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -152,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    checkpointing = (
+        args.device == "cuda" if args.gradient_checkpointing == "auto" else args.gradient_checkpointing == "on"
+    )
     work = REPO / ".cache" / "bench-gpu"
     work.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
@@ -163,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_gflops": matmul_gflops(args.device),
             "pairs": args.pairs,
             "max_length": args.max_length,
+            "gradient_checkpointing": checkpointing,
         },
         "runs": {},
     }
@@ -175,16 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             params = matmul_params(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
         for mode in args.modes.split(","):
             lora = mode == "lora"
-            hyper = {
-                "beta": 0.1,
-                "lr": 2e-5 if lora else 1e-6,
-                "batch_size": 8,
-                "max_length": args.max_length,
-                "warmup": 2,
-                "epochs": 1,
-                "seed": 0,
-                "lora_r": 16,
-            }
+            hyper = gpu_hyper(lora, args.max_length, checkpointing)
             flops_per_token = (4 if lora else 6) * params + 2 * params
             tokens = sequence_tokens(path, train, args.max_length)
             entry = {"tokens": tokens}

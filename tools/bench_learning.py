@@ -39,7 +39,8 @@ from tools.learning_tasks import CONTENT_TASKS, TASKS, task_split  # noqa: E402
 
 # ~4.4M parameters: small enough for 80 runs on 2 CPU cores, large enough to learn the content tasks.
 MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024, "vocab_size": 384}
-HYPER = {"beta": 0.1, "batch_size": 8, "max_length": 128, "warmup": 10, "lora_r": 16}
+# gradient checkpointing: the same for both trainers, given to each explicitly (TRL's default is on)
+HYPER = {"beta": 0.1, "batch_size": 8, "max_length": 128, "warmup": 10, "lora_r": 16, "gradient_checkpointing": False}
 HELDOUT = 128
 SUITES = {
     # every task, both modes, at a budget where the content tasks are only partly learnt: the
