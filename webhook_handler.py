@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import html
+import json
 import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
-from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
@@ -28,12 +29,15 @@ from core import SERVICE_NAME, __version__
 from core.auth import HEADER
 from core.callbacks import check_callback_url
 from core.dashboard import add_dashboard
+from core.edge import API_CSP, AllowedHosts, SecurityHeaders
 from core.errors import (
     CALLBACK_NEEDS_SECRET,
+    COMMUNITY_QUEUE_FULL,
     IDEMPOTENCY_CONFLICT,
     MISSING_SIGNATURE,
     Conflict,
     Invalid,
+    NotFound,
     ServiceError,
     TooMany,
     Unauthorized,
@@ -66,6 +70,7 @@ from core.settings import Settings, get_settings, settings_problem
 from core.store import (
     FINAL,
     ActiveJobConflict,
+    CommunityQueueFull,
     IdempotencyConflict,
     Job,
     JobStore,
@@ -205,6 +210,13 @@ async def enqueue(store: JobStore, new_job: NewJob, settings: Settings) -> Job:
             field="communityId",
             code="community_busy",
         ) from None
+    except CommunityQueueFull:
+        raise TooMany(
+            COMMUNITY_QUEUE_FULL.format(community=new_job.community_id, limit=settings.max_queued_per_community),
+            field="communityId",
+            headers={"Retry-After": "60"},
+            code="community_queue_full",
+        ) from None
     except QueueFull:
         raise TooMany(
             f"the job queue is full ({settings.max_queued_jobs} queued); retry later",
@@ -268,6 +280,7 @@ async def trigger_finetune(
         idempotency_key=idempotency_key,
         body_sha256=hashlib.sha256(body).hexdigest(),
         max_queued=settings.max_queued_jobs,
+        max_queued_per_community=settings.max_queued_per_community,
         one_per_community=settings.one_job_per_community,
         idempotency_ttl_s=settings.idempotency_ttl_s,
     )
@@ -367,6 +380,7 @@ def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": "internal_error", "message": f"internal error (error id {error_id})", "error_id": error_id}},
         status_code=500,
+        headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": API_CSP},  # past the middleware
     )
 
 
@@ -416,6 +430,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if settings.webhook_secret is None:
             log.warning("!!! DPO_ALLOW_UNSIGNED=1: requests are NOT authenticated. Never expose this instance. !!!")
+        if settings.dashboard_token is not None and not settings.allowed_hosts:
+            log.warning(
+                "DPO_ALLOWED_HOSTS is not set: the dashboard answers to any Host name (a DNS-rebinding page"
+                " could reach its login); set it to the names the service is reached at"
+            )
         storage = build_storage(settings)
         store = build_job_store(settings, storage.firebase)
         mirror = None
@@ -448,7 +467,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # /docs is served from this service's own copy of Swagger UI: no CDN at run time
     app = FastAPI(title="DPO fine-tuning microservice", version=__version__, lifespan=lifespan, docs_url=None)
     app.state.settings = settings
-    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -465,6 +483,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
 
     app.add_middleware(RecordLatency)
+    # outermost: a request to a Host not allowed goes no further; every answer gets the headers
+    app.add_middleware(AllowedHosts, allowed=settings.allowed_hosts)
+    app.add_middleware(SecurityHeaders)
 
     app.include_router(router)
     if settings.dashboard_token is not None:
@@ -472,18 +493,57 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+# /docs: the service's own copy of Swagger UI (no CDN at run time), under a CSP without inline
+# script or style: the page loads the bundle and its start script (init.js) from /docs/assets/,
+# which serves only the files it needs (not the vendor's standalone index.html, petstore and all).
 DOCS_ASSETS = "/docs/assets"
+DOCS_FILES = frozenset({"swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"})
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
+    " frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1.0">
+<title>{title}</title>
+<link rel="stylesheet" href="{assets}/swagger-ui.css">
+<link rel="icon" href="{assets}/favicon-32x32.png">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="{assets}/swagger-ui-bundle.js"></script>
+<script src="{assets}/init.js"></script>
+</body>
+</html>
+"""
+DOCS_INIT = """window.ui = SwaggerUIBundle({
+  url: %s,
+  dom_id: "#swagger-ui",
+  layout: "BaseLayout",
+  deepLinking: true,
+  showExtensions: true,
+  showCommonExtensions: true,
+  validatorUrl: null,
+  presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],
+});
+"""
 
 
 @router.get("/docs", include_in_schema=False)
 async def docs(request: Request) -> HTMLResponse:
-    return get_swagger_ui_html(
-        openapi_url=request.app.openapi_url,
-        title=f"{request.app.title} - API",
-        swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
-        swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
-        swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
-    )
+    page = DOCS_PAGE.format(title=html.escape(f"{request.app.title} - API"), assets=DOCS_ASSETS)
+    return HTMLResponse(page, headers={"Content-Security-Policy": DOCS_CSP})
+
+
+@router.get(DOCS_ASSETS + "/{name}", include_in_schema=False)
+async def docs_asset(request: Request, name: str) -> Response:
+    if name == "init.js":
+        return Response(DOCS_INIT % json.dumps(request.app.openapi_url), media_type="text/javascript")
+    if name not in DOCS_FILES:
+        raise NotFound("Not Found")
+    return FileResponse(Path(swagger_ui_path) / name)
 
 
 _app: FastAPI | None = None

@@ -6,7 +6,14 @@ Access is its own, never the webhook secret:
 - POST /ui/login with the token sets a session cookie: `<expires>.<nonce>.<HMAC>`, keyed by the
   token (changing the token logs everyone out), HttpOnly, SameSite=Strict, Secure over https.
 - A state-changing request (cancel, logout) also needs `X-CSRF-Token`: an HMAC of the session's
-  nonce, which only the dashboard page (same origin) can read; and a cross-origin Origin is refused.
+  nonce, which only the dashboard page (same origin) can read; and a cross-origin Origin is refused
+  (X-Forwarded-Host is never believed; with DPO_ALLOWED_HOSTS set, a request to another Host never
+  gets here: core/edge.py).
+- Failed logins are limited per client (`DPO_DASHBOARD_LOGIN_FAILURES` a minute) and in all
+  (`DPO_DASHBOARD_LOGIN_FAILURES_GLOBAL`): past either, a login is a 429 with Retry-After before
+  the token is even compared. The client is the peer's address, or the X-Forwarded-For client
+  uvicorn found when the peer is one of its trusted proxies (FORWARDED_ALLOW_IPS). Each failure
+  is logged at WARNING (the client, never what was typed).
 The dashboard reads and cancels jobs; it cannot trigger one (only a signed request can).
 
 The gate (core/gate.py) lets /ui through unsigned; this module checks the session itself.
@@ -18,8 +25,12 @@ import functools
 import hashlib
 import hmac
 import html
+import logging
+import math
 import secrets
+import threading
 import time
+from collections import deque
 from pathlib import Path as FilePath
 from typing import Annotated
 from urllib.parse import parse_qs, urlsplit
@@ -39,6 +50,8 @@ COOKIE = "dpo_dashboard"
 CSRF_HEADER = "X-CSRF-Token"
 PAGES = FilePath(__file__).parent / "ui"
 MAX_LOGIN_BYTES = 4096
+LOGIN_WINDOW_S = 60.0  # failed logins are counted over the last minute
+log = logging.getLogger(__name__)
 
 
 # -- sessions ---------------------------------------------------------------------------------
@@ -75,6 +88,59 @@ def csrf_token(token: str, nonce: str) -> str:
     return _mac(token, f"csrf {nonce}")
 
 
+# -- failed logins ----------------------------------------------------------------------------
+class LoginLimiter:
+    """Failed logins of the last `window_s`, per client and in all (in memory: per replica).
+    Refused attempts are not counted, so an attacker's flood cannot extend its own wait, and no
+    client keeps more than `per_client` entries, nor all clients more than `overall`."""
+
+    def __init__(self, per_client: int, overall: int, window_s: float = LOGIN_WINDOW_S):
+        self.per_client, self.overall, self.window_s = per_client, overall, window_s
+        self._clients: dict[str, deque[float]] = {}
+        self._all: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def _trim(self, failures: deque[float], now: float) -> deque[float]:
+        while failures and failures[0] <= now - self.window_s:
+            failures.popleft()
+        return failures
+
+    def retry_after(self, client: str, now: float | None = None) -> int | None:
+        """Whole seconds until `client` may try again, or None when it may try now."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            waits = []
+            mine = self._trim(self._clients.get(client, deque()), now)
+            if len(mine) >= self.per_client:
+                waits.append(mine[-self.per_client] + self.window_s - now)
+            if len(self._trim(self._all, now)) >= self.overall:
+                waits.append(self._all[-self.overall] + self.window_s - now)
+        return max(1, math.ceil(max(waits))) if waits else None
+
+    def failed(self, client: str, now: float | None = None) -> int:
+        """Count a failure; the client's failures in the window."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if len(self._clients) > 4 * self.overall:  # forget clients whose failures all expired
+                self._clients = {c: f for c, f in self._clients.items() if self._trim(f, now)}
+            mine = self._clients.setdefault(client, deque())
+            mine.append(now)
+            self._all.append(now)
+            return len(self._trim(mine, now))
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._clients.pop(client, None)
+
+
+def _limiter(request: Request) -> LoginLimiter:
+    state = request.app.state
+    if getattr(state, "login_limiter", None) is None:
+        settings: Settings = state.settings
+        state.login_limiter = LoginLimiter(settings.dashboard_login_failures, settings.dashboard_login_failures_global)
+    return state.login_limiter
+
+
 # -- dependencies -----------------------------------------------------------------------------
 def _token(request: Request) -> str:
     settings: Settings = request.app.state.settings
@@ -85,17 +151,20 @@ def _token(request: Request) -> str:
 
 def _same_origin(request: Request) -> None:
     """A browser sends Origin on a POST: it must be this service's own: the Host it was sent to,
-    the first X-Forwarded-Host a proxy set, or DPO_PUBLIC_BASE_URL's host."""
+    DPO_PUBLIC_BASE_URL's host, or a name in DPO_ALLOWED_HOSTS. X-Forwarded-Host is not
+    believed (anyone can send it); behind a proxy that rewrites Host, name the public host in one
+    of those settings. Host itself is what DNS rebinding controls: DPO_ALLOWED_HOSTS closes that."""
     origin = request.headers.get("origin")
     if origin is None:
         return
-    public = request.app.state.settings.public_base_url
-    ours = {
-        request.headers.get("host", ""),
-        request.headers.get("x-forwarded-host", "").split(",")[0].strip(),
-        urlsplit(public).netloc if public else "",
-    } - {""}
-    if urlsplit(origin).netloc not in ours:
+    settings: Settings = request.app.state.settings
+    public = settings.public_base_url
+    ours = {request.headers.get("host", ""), urlsplit(public).netloc if public else ""} - {""}
+    try:
+        netloc, hostname = urlsplit(origin).netloc, urlsplit(origin).hostname
+    except ValueError:  # not a URL at all
+        raise Forbidden(errors.CROSS_ORIGIN) from None
+    if netloc not in ours and (hostname is None or hostname not in settings.allowed_hosts):
         raise Forbidden(errors.CROSS_ORIGIN)
 
 
@@ -154,17 +223,35 @@ def dashboard(request: Request, login: Annotated[str | None, Query(max_length=16
 
 @router.post("/login")
 async def login(request: Request):
-    """A form post with the token; a session cookie and back to /ui, or /ui?login=failed."""
+    """A form post with the token; a session cookie and back to /ui, or /ui?login=failed; a 429
+    (the login page, with Retry-After) past the failed-login limits."""
     _same_origin(request)
-    token, settings = _token(request), request.app.state.settings
+    token, settings, limiter = _token(request), request.app.state.settings, _limiter(request)
     body = b""
     async for chunk in request.stream():  # the gate lets /ui through unread: bound it here
         body += chunk
         if len(body) > MAX_LOGIN_BYTES:
             raise TooLarge(f"a login form is at most {MAX_LOGIN_BYTES} bytes")
+    client = request.client.host if request.client else "unknown"
+    # no await from here on: the check, the comparison and the count are one step
+    wait = limiter.retry_after(client)
+    if wait is not None:
+        page = _page("login.html", message=errors.LOGIN_LIMITED.format(retry_after=wait))
+        page.status_code = 429
+        page.headers["Retry-After"] = str(wait)
+        return page
     given = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
     if not hmac.compare_digest(given.encode(), token.encode()):
+        failures = limiter.failed(client)
+        log.warning(
+            "dashboard login failed from %s (%d of %d allowed a minute%s)",
+            client,
+            failures,
+            settings.dashboard_login_failures,
+            "; further logins refused for a minute" if failures >= settings.dashboard_login_failures else "",
+        )
         return RedirectResponse(f"{PREFIX}?login=failed", status_code=303)
+    limiter.succeeded(client)
     response = RedirectResponse(PREFIX, status_code=303)
     response.set_cookie(
         COOKIE,

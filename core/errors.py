@@ -76,3 +76,8 @@ CALLBACK_NEEDS_SECRET = "callbackUrl: this server has no DPO_CALLBACK_SECRET to 
 LOGIN_REQUIRED = "log in to the dashboard first"
 BAD_CSRF = "missing or wrong X-CSRF-Token header (reload the dashboard)"
 CROSS_ORIGIN = "cross-origin request refused"
+LOGIN_LIMITED = "Too many failed logins: try again in {retry_after} s."
+COMMUNITY_QUEUE_FULL = (
+    "community '{community}' already has {limit} queued jobs (DPO_MAX_QUEUED_PER_COMMUNITY); retry when one has started"
+)
+BAD_HOST = "this service does not answer to that Host (DPO_ALLOWED_HOSTS)"

@@ -40,6 +40,7 @@ from core.store import (
     TAKEN_OVER,
     ActiveJobConflict,
     BadCursor,
+    CommunityQueueFull,
     Finish,
     IdempotencyConflict,
     Job,
@@ -196,8 +197,13 @@ class FirestoreJobStore:
             answer = self._known_key(key_ref, new, None)  # a repeated key answers its job, even when the queue is full
             if answer is not None:
                 return answer
+        # both counted outside the batch: across replicas the limits are approximate
+        if new.max_queued_per_community is not None and (
+            self._count("queued", new.community_id) >= new.max_queued_per_community
+        ):
+            raise CommunityQueueFull()
         if new.max_queued is not None and self._count("queued") >= new.max_queued:
-            raise QueueFull()  # counted outside the batch: across replicas the limit is approximate
+            raise QueueFull()
         now = time.time()
         job = Job(
             id=uuid.uuid4().hex,
@@ -366,11 +372,13 @@ class FirestoreJobStore:
         docs = docs[:limit]
         return [from_document(d.to_dict()) for d in docs], (docs[-1].id if more else None)
 
-    def _count(self, status: str) -> int:
+    def _count(self, status: str, community_id: str | None = None) -> int:
         from google.cloud.firestore_v1 import FieldFilter
 
-        query = self.jobs.where(filter=FieldFilter("status", "==", status)).count()
-        return int(query.get(timeout=TIMEOUT_S, retry=None)[0][0].value)
+        query = self.jobs.where(filter=FieldFilter("status", "==", status))
+        if community_id is not None:  # two equalities: served by single-field indexes, no composite one
+            query = query.where(filter=FieldFilter("community_id", "==", community_id))
+        return int(query.count().get(timeout=TIMEOUT_S, retry=None)[0][0].value)
 
     @_unavailable
     def counts_by_status(self) -> dict[str, int]:

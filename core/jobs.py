@@ -17,6 +17,7 @@ from core.store import (
     TAKEN_OVER,
     ActiveJobConflict,
     BadCursor,
+    CommunityQueueFull,
     Finish,
     IdempotencyConflict,
     Job,
@@ -178,6 +179,12 @@ class SqliteJobStore:
                 ).fetchone()
                 if row is not None:
                     raise ActiveJobConflict(row["id"])
+            if new.max_queued_per_community is not None:
+                mine = self._db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE community_id = ? AND status = 'queued'", (new.community_id,)
+                ).fetchone()[0]
+                if mine >= new.max_queued_per_community:
+                    raise CommunityQueueFull()
             if new.max_queued is not None:
                 queued = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
                 if queued >= new.max_queued:

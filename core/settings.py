@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -10,6 +11,16 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.config import available
+
+TOKEN_MIN_DISTINCT = 6  # a dashboard token's different characters
+TOKEN_MIN_BITS = 36  # and its estimated entropy: refuses `aaaa...`, `abab...`; a random 16-hex token has ~53
+
+
+def token_entropy_bits(token: str) -> float:
+    """An estimate: the token's length x the Shannon entropy of its own characters' frequencies
+    (a lower bound's stand-in, blind to words and sequences: it catches repetition only)."""
+    counts = [token.count(c) for c in set(token)]
+    return -sum(n * math.log2(n / len(token)) for n in counts)
 
 
 class Settings(BaseSettings):
@@ -25,6 +36,11 @@ class Settings(BaseSettings):
     # The jobs dashboard at /ui: off unless a token is set; operators log in with it (core/dashboard.py)
     dashboard_token: SecretStr | None = None
     dashboard_session_s: float = Field(8 * 3600, gt=0)  # a dashboard login lasts this long
+    dashboard_login_failures: int = Field(5, ge=1)  # failed logins a minute per client, then 429
+    dashboard_login_failures_global: int = Field(20, ge=1)  # failed logins a minute from all clients, then 429
+    # Host names this service answers to (comma-separated; unset: any). Another Host is a 400,
+    # except on the probes /health, /ready and /metrics (load balancers probe by address).
+    allowed_hosts: Annotated[list[str], NoDecode] = []
 
     # Jobs
     job_store: Literal["sqlite", "firestore"] = "sqlite"  # firestore: several replicas share one queue
@@ -58,6 +74,9 @@ class Settings(BaseSettings):
     max_records: int = Field(100_000, ge=1)  # records per job
     max_field_chars: int = Field(100_000, ge=16)  # characters in any one string of a record
     max_queued_jobs: int = Field(100, ge=1)  # 429 + Retry-After when the queue holds this many
+    max_queued_per_community: int = Field(
+        10, ge=1
+    )  # 429 when one community has this many queued (no-op with one job per community)
     idempotency_ttl_s: float = Field(24 * 3600, gt=0)  # an Idempotency-Key is remembered this long
     one_job_per_community: bool = True  # a second active job for a community is a 409
 
@@ -99,8 +118,29 @@ class Settings(BaseSettings):
     @field_validator("dashboard_token")
     @classmethod
     def _long_token(cls, value):
-        if value is not None and len(value.get_secret_value()) < 16:
+        if value is None:
+            return value
+        token = value.get_secret_value()
+        if len(token) < 16:
             raise ValueError("expected at least 16 characters (e.g. `openssl rand -hex 24`): it guards a login")
+        if len(set(token)) < TOKEN_MIN_DISTINCT or token_entropy_bits(token) < TOKEN_MIN_BITS:
+            raise ValueError(
+                f"too guessable: expected at least {TOKEN_MIN_DISTINCT} different characters and an estimated"
+                f" {TOKEN_MIN_BITS} bits (length x the Shannon entropy of its characters); use a random"
+                " token, e.g. `openssl rand -hex 24`"
+            )
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_allowed_hosts(cls, value):
+        if isinstance(value, str):
+            value = [h.strip().lower().removeprefix("[").removesuffix("]") for h in value.split(",") if h.strip()]
+        for host in value:
+            if any(c in host for c in "/@ ") or (":" in host and host.count(":") == 1):
+                raise ValueError(
+                    f"expected host names without scheme, port or path (e.g. dpo.example.com), got {host!r}"
+                )
         return value
 
     @field_validator("public_base_url")

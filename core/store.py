@@ -90,6 +90,7 @@ class NewJob:
     idempotency_key: str | None = None
     body_sha256: str | None = None  # a repeated key must come with the same body
     max_queued: int | None = None  # QueueFull when this many jobs wait
+    max_queued_per_community: int | None = None  # CommunityQueueFull when this many of its jobs wait
     one_per_community: bool = False
     idempotency_ttl_s: float | None = None  # a key older than this makes a new job
 
@@ -159,6 +160,10 @@ class IdempotencyConflict(Exception):
 
 class QueueFull(Exception):
     pass
+
+
+class CommunityQueueFull(Exception):
+    """The community already has `NewJob.max_queued_per_community` queued jobs."""
 
 
 class JobFinished(Exception):

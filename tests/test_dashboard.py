@@ -62,6 +62,79 @@ def test_a_short_dashboard_token_is_refused():
         Settings(webhook_secret="s", dashboard_token="short")
 
 
+def test_a_guessable_dashboard_token_is_refused_at_start(tmp_path):
+    """Issue 24.7: 16 characters are not enough when they repeat: at least 6 different ones and
+    an estimated 36 bits (length x the Shannon entropy of its characters)."""
+    from core.settings import Settings, token_entropy_bits
+
+    for weak in ("aaaaaaaaaaaaaaaa", "abababababababababab", "aaaaaaaaaaaaaaaaaaaaaaab", "abcdeabcdeabcdeabcde"):
+        with pytest.raises(ValueError, match="too guessable"):
+            Settings(webhook_secret="s", dashboard_token=weak)
+    assert Settings(webhook_secret="s", dashboard_token=TOKEN).dashboard_token is not None
+    assert token_entropy_bits("0123456789abcdef") == 64 and token_entropy_bits("a" * 40) == 0
+    srv = Server(tmp_path, env={"DPO_DASHBOARD_TOKEN": "a" * 16})
+    with pytest.raises(RuntimeError, match="server exited"):
+        srv.start(timeout_s=30)
+    assert srv.log_tail(n=1).startswith("invalid settings, refusing to start: DPO_DASHBOARD_TOKEN: too guessable")
+    assert "a" * 16 not in srv.log_tail()  # the value is never echoed
+
+
+def client_at(address: str) -> dict:
+    """A client seen at `address`: uvicorn believes X-Forwarded-For from its trusted proxies
+    (FORWARDED_ALLOW_IPS, loopback by default), and these tests connect over loopback."""
+    return {"X-Forwarded-For": address}
+
+
+def test_failed_logins_are_limited_per_client_and_in_all_and_logged(tmp_path):
+    """Issue 24.7: past DPO_DASHBOARD_LOGIN_FAILURES failed logins a minute a client gets 429 with
+    Retry-After (even with the right token: nothing is compared), other clients go on until
+    DPO_DASHBOARD_LOGIN_FAILURES_GLOBAL; each failure is a WARNING naming the client, not the token."""
+    env = {
+        "DPO_DASHBOARD_TOKEN": TOKEN,
+        "DPO_DASHBOARD_LOGIN_FAILURES": "3",
+        "DPO_DASHBOARD_LOGIN_FAILURES_GLOBAL": "5",
+    }
+    with Server(tmp_path, env=env) as srv:
+        anyone = httpx.Client(base_url=srv.url)
+        guesses = [f"guess-{i}-0123456789abcdef" for i in range(6)]
+        for guess in guesses[:3]:
+            wrong = anyone.post("/ui/login", data={"token": guess}, headers=client_at("203.0.113.1"))
+            assert wrong.status_code == 303 and wrong.headers["location"] == "/ui?login=failed"
+        limited = anyone.post("/ui/login", data={"token": TOKEN}, headers=client_at("203.0.113.1"))
+        assert limited.status_code == 429 and COOKIE not in limited.cookies
+        retry_after = int(limited.headers["Retry-After"])
+        assert 1 <= retry_after <= 60
+        assert errors.LOGIN_LIMITED.format(retry_after=retry_after) in limited.text
+        assert limited.headers["content-security-policy"].startswith("default-src 'self'")
+
+        other = anyone.post("/ui/login", data={"token": TOKEN}, headers=client_at("203.0.113.2"))
+        assert other.status_code == 303 and other.headers["location"] == "/ui"  # another client logs in
+        for guess in guesses[3:5]:  # 5 failures in all: the global limit
+            assert anyone.post("/ui/login", data={"token": guess}, headers=client_at("203.0.113.3")).status_code == 303
+        fresh = httpx.post(srv.url + "/ui/login", data={"token": TOKEN}, headers=client_at("203.0.113.4"))
+        assert fresh.status_code == 429 and 1 <= int(fresh.headers["Retry-After"]) <= 60
+    log = srv.log_path.read_text()
+    failed = [line for line in log.splitlines() if "dashboard login failed" in line]
+    assert len(failed) == 5 and all(" WARNING " in line for line in failed), failed
+    assert "dashboard login failed from 203.0.113.1 (3 of 3 allowed a minute; further logins refused" in log
+    assert not any(guess in log for guess in guesses) and TOKEN not in log
+
+
+def test_forwarded_headers_are_believed_only_from_trusted_proxies(tmp_path):
+    """Issue 24.9: X-Forwarded-For counts only from a proxy in FORWARDED_ALLOW_IPS (uvicorn's own
+    setting, honoured however the service is started), so a client cannot spread its failed
+    logins over made-up addresses; X-Forwarded-Host is never believed by the Origin check."""
+    env = {"DPO_DASHBOARD_TOKEN": TOKEN, "DPO_DASHBOARD_LOGIN_FAILURES": "2", "FORWARDED_ALLOW_IPS": "192.0.2.10"}
+    with Server(tmp_path, env=env) as srv:
+        anyone = httpx.Client(base_url=srv.url)
+        for i in range(2):
+            answer = anyone.post("/ui/login", data={"token": f"guess-{i}"}, headers=client_at(f"198.51.100.{i}"))
+            assert answer.status_code == 303
+        spread = anyone.post("/ui/login", data={"token": "guess-2"}, headers=client_at("198.51.100.99"))
+        assert spread.status_code == 429  # all three came from 127.0.0.1, whatever they claimed
+    assert "dashboard login failed from 127.0.0.1 (2 of 2" in srv.log_path.read_text()
+
+
 def test_login_sets_an_httponly_strict_session_cookie_and_a_wrong_token_does_not(server):
     anonymous = httpx.Client(base_url=server.url)
     page = anonymous.get("/ui")
@@ -134,12 +207,36 @@ def test_hostile_logins_and_cookies_get_clear_answers_not_crashes(server):
     assert answer.headers["cache-control"] == "no-store"
     csrf = csrf_token(TOKEN, session_nonce(TOKEN, browser.cookies[COOKIE]))
     assert browser.post("/ui/logout", headers={"X-CSRF-Token": b"\xe9" * 64}).status_code == 403
-    behind_a_proxy = {  # the browser's origin is the proxy's name, which the proxy forwarded first
+    claimed_by_anyone = {  # issue 24.9: X-Forwarded-Host is anyone's to send: never believed
         "X-CSRF-Token": csrf,
-        "Origin": "https://dpo.example.com",
-        "X-Forwarded-Host": "dpo.example.com, internal:8000",
+        "Origin": "https://evil.example",
+        "X-Forwarded-Host": "evil.example",
     }
-    assert browser.post("/ui/logout", headers=behind_a_proxy).status_code == 204
+    refused = browser.post("/ui/logout", headers=claimed_by_anyone)
+    assert refused.status_code == 403 and refused.json()["error"]["message"] == errors.CROSS_ORIGIN
+    assert browser.post("/ui/logout", headers={"X-CSRF-Token": csrf}).status_code == 204
+
+
+def test_allowed_hosts_refuse_a_rebound_name_but_not_the_probes(tmp_path):
+    """Issue 24.9: DNS rebinding points the attacker's own name at the service, so Origin and Host
+    agree and the Origin check passes; with DPO_ALLOWED_HOSTS a request to another Host is a 400
+    (the probes excepted: load balancers call them by address). A proxy that rewrites Host still
+    works: the browser's Origin is an allowed name."""
+    env = {"DPO_DASHBOARD_TOKEN": TOKEN, "DPO_ALLOWED_HOSTS": "127.0.0.1,dpo.example.com"}
+    with Server(tmp_path, env=env) as srv:
+        rebound = {"Host": "rebound.evil.example", "Origin": "http://rebound.evil.example"}
+        login = httpx.post(srv.url + "/ui/login", data={"token": TOKEN}, headers=rebound)
+        assert login.status_code == 400 and COOKIE not in login.cookies
+        assert login.json()["error"] == {"code": "bad_host", "message": errors.BAD_HOST}
+        assert login.headers["x-content-type-options"] == "nosniff"
+        for path in ("/ui", "/ui/api/jobs", "/docs", "/openapi.json", "/jobs"):
+            assert httpx.get(srv.url + path, headers={"Host": "rebound.evil.example"}).status_code == 400, path
+        for path in ("/health", "/ready", "/metrics"):
+            assert httpx.get(srv.url + path, headers={"Host": "10.1.2.3:8000"}).status_code == 200, path
+        assert httpx.get(srv.url + "/docs", headers={"Host": "DPO.example.com:443"}).status_code == 200
+        behind_a_proxy = {"Origin": "https://dpo.example.com"}  # Host: the proxy's upstream, 127.0.0.1:<port>
+        session = httpx.post(srv.url + "/ui/login", data={"token": TOKEN}, headers=behind_a_proxy)
+        assert session.status_code == 303 and COOKIE in session.cookies
 
 
 # -- in a real browser ---------------------------------------------------------------------------
@@ -170,6 +267,7 @@ def chrome(tmp_path):
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations are console errors
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
     yield driver
@@ -191,6 +289,24 @@ def until(condition, timeout_s: float = 60, what: str = "condition"):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def csp_violations(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+
+
+def test_in_a_browser_docs_and_the_dashboard_work_under_their_csp(server, chrome):
+    """Issue 24.11: /docs (the service's own Swagger UI) renders its operations under a CSP
+    without 'unsafe-inline', from the service alone; the login page too; nothing is refused."""
+    chrome.get(server.url + "/docs")
+    until(lambda: len(chrome.find_elements("css selector", ".opblock")) >= 5, what="the operations")
+    assert "DPO fine-tuning microservice" in chrome.find_element("css selector", ".info .title").text
+    chrome.find_element("css selector", ".opblock-summary").click()  # an operation opens
+    until(lambda: chrome.find_elements("css selector", ".opblock-body"), what="an operation's body")
+    assert chrome.execute_script("return getComputedStyle(document.querySelector('.swagger-ui')).fontFamily")
+    chrome.get(server.url + "/ui")
+    until(lambda: chrome.find_element("id", "login").is_displayed(), what="the login page")
+    assert csp_violations(chrome) == []
 
 
 def click_row(driver, job_id: str) -> None:

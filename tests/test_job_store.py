@@ -13,6 +13,7 @@ from core.schemas import job_view
 from core.store import (
     ActiveJobConflict,
     BadCursor,
+    CommunityQueueFull,
     Finish,
     IdempotencyConflict,
     JobFinished,
@@ -90,6 +91,20 @@ def test_queue_limit(store):
     new(store, "q1")
     with pytest.raises(QueueFull):
         new(store, "q2", max_queued=1)
+
+
+def test_a_community_queues_at_most_its_share(store):
+    """Issue 24.11: one community's queued jobs are capped (running ones do not count)."""
+    rules = {"max_queued": 100, "max_queued_per_community": 2}
+    first = new(store, "greedy", **rules)
+    new(store, "greedy", **rules)
+    with pytest.raises(CommunityQueueFull):
+        new(store, "greedy", **rules)
+    new(store, "other", **rules)  # another community still queues
+    assert store.claim_next(A, 30, "inprocess").id == first.id  # running now: a place frees up
+    new(store, "greedy", **rules)
+    with pytest.raises(CommunityQueueFull):
+        new(store, "greedy", **rules)
 
 
 def test_claim_takes_the_oldest_and_the_lease_is_its_owners(store):

@@ -18,7 +18,13 @@ import yaml
 
 from core.auth import HEADER, sign, verify
 from core.callbacks import sign_webhook
-from core.errors import BAD_SIGNATURE, CALLBACK_NEEDS_SECRET, REPLAYED_SIGNATURE, ServiceError
+from core.errors import (
+    BAD_SIGNATURE,
+    CALLBACK_NEEDS_SECRET,
+    COMMUNITY_QUEUE_FULL,
+    REPLAYED_SIGNATURE,
+    ServiceError,
+)
 from core.runner import HELDOUT_REGRESSED, SHUTDOWN_REQUEUE
 from tests.service_helpers import FAST, wait_for
 from tools.serve import Server, free_port
@@ -592,6 +598,66 @@ def test_unknown_and_malformed_job_ids(client):
     traversal = client.get("/jobs/..%2F..%2Fetc")
     assert traversal.status_code in (404, 422) and traversal.json()["error"]["message"] != "job not found"
     assert client.get("/jobs/not-a-job-id").status_code == 422
+
+
+def test_every_answer_is_nosniff_under_a_strict_csp_and_docs_serve_only_their_own_files(server, client):
+    """Issue 24.11: JSON (also a gate's 401 and a 404) and /docs carry nosniff and a CSP; /docs
+    has no inline script or style to need 'unsafe-inline'; /docs/assets/ serves only the files
+    the page loads (not the vendor's standalone index.html with its petstore URL bar)."""
+    answers = {
+        "/health": httpx.get(server.url + "/health"),
+        "/jobs (unsigned)": httpx.get(server.url + "/jobs"),
+        "/jobs": client.get("/jobs"),
+        "/openapi.json": httpx.get(server.url + "/openapi.json"),
+        "/nowhere": httpx.get(server.url + "/nowhere"),
+    }
+    for name, answer in answers.items():
+        assert answer.headers.get("x-content-type-options") == "nosniff", name
+        assert answer.headers.get("content-security-policy", "").startswith("default-src 'none'"), name
+    docs = httpx.get(server.url + "/docs")
+    csp = docs.headers["content-security-policy"]
+    assert docs.status_code == 200 and docs.headers["x-content-type-options"] == "nosniff"
+    assert "script-src 'self'" in csp and "unsafe" not in csp and "frame-ancestors 'none'" in csp
+    assert "<script>" not in docs.text and "<style" not in docs.text and "style=" not in docs.text
+    assert "jsdelivr" not in docs.text and "cdn" not in docs.text.lower()
+    for name in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png", "init.js"):
+        asset = httpx.get(f"{server.url}/docs/assets/{name}")
+        assert asset.status_code == 200 and asset.headers["x-content-type-options"] == "nosniff", name
+    assert "'/openapi.json'" in httpx.get(server.url + "/docs/assets/init.js").text.replace('"', "'")
+    for name in (
+        "index.html",
+        "swagger-initializer.js",
+        "oauth2-redirect.html",
+        "swagger-ui.js",
+        "..%2F..%2Fsettings.py",
+    ):
+        assert httpx.get(f"{server.url}/docs/assets/{name}").status_code == 404, name
+
+
+def test_one_community_cannot_fill_the_queue(tmp_path, toy):
+    """Issue 24.11: one caller filled the global queue of 100 in 1.3 s; a community now queues
+    at most DPO_MAX_QUEUED_PER_COMMUNITY jobs (its running job does not count)."""
+    env = {"DPO_ONE_JOB_PER_COMMUNITY": "0", "DPO_MAX_QUEUED_PER_COMMUNITY": "2"}
+    with Server(tmp_path, env=env) as srv:
+        client = Client(srv.url, srv.secret)
+        running = client.trigger("greedy", toy(256), {"epochs": 40}).json()["job_id"]
+        wait_for(client, running, states=("running",))
+        queued = [client.trigger("greedy", toy(8), FAST) for _ in range(2)]
+        assert [r.status_code for r in queued] == [202, 202]
+        over = client.trigger("greedy", toy(8), FAST)
+        assert over.status_code == 429 and over.headers["Retry-After"] == "60"
+        error = over.json()["error"]
+        assert error == {
+            "code": "community_queue_full",
+            "message": COMMUNITY_QUEUE_FULL.format(community="greedy", limit=2),
+            "field": "communityId",
+        }
+        assert "DPO_MAX_QUEUED_PER_COMMUNITY" in error["message"]
+        other = client.trigger("modest", toy(8), FAST)
+        assert other.status_code == 202  # another community still queues
+        for job_id in [running, other.json()["job_id"], *(r.json()["job_id"] for r in queued)]:
+            client.post(f"/jobs/{job_id}/cancel")
+        wait_for(client, running)
 
 
 def test_metrics_labels_stay_bounded_under_made_up_methods_and_paths(server, client):
