@@ -63,7 +63,7 @@ def eval_logps_of(model, tokenizer, records, ids, cfg_seed=42):
     from training.tokenize import tokenize_pairs
 
     pairs, _ = normalise_records(records, ids=ids)
-    examples = tokenize_pairs(tokenizer, pairs, 128, 64, "keep_end")
+    examples = tokenize_pairs(tokenizer, pairs, 128, 64, "keep_end", chat_template="auto")  # the default, as trained
     _, eval_idx = split_train_eval(len(examples), 0.1, 256, cfg_seed)
     batch = collate([examples[i] for i in eval_idx], tokenizer.pad_token_id)
     with torch.no_grad():
