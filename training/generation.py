@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 MAX_SAMPLES = 64  # eval.samples above this is a config error: generation is slow next to scoring
 MAX_NEW_TOKENS = 256  # (a samples event then stays well under a Firestore document's 1 MiB)
-SAMPLE_BATCH = 8  # prompts generated together: a small KV cache next to a training pass
+SAMPLE_BATCH = 4  # prompts generated together: a small KV cache next to a training pass
 
 
 def compile_contains(pattern: str | None) -> re.Pattern | None:
