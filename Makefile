@@ -127,6 +127,10 @@ bench: setup ## Our trainer vs TRL's DPOTrainer, interleaved, 4 configurations x
 bench-learning: setup ## What ours and TRL learn: 4 tasks (3 content), full + LoRA, 5 seeds (~1.5 h); BENCH_ARGS=--quick for ~3 min
 	$(PY) tools/bench_learning.py $(BENCH_ARGS)
 
+.PHONY: bench-real
+bench-real: real-model ## Ours vs TRL on SmolLM2-135M (LoRA and full, interleaved): wall, tokens/s, peak RSS, accuracy, behaviour share; BENCH_ARGS=--quick
+	$(PY) tools/bench_real.py $(BENCH_ARGS)
+
 .PHONY: bench-memory
 bench-memory: setup ## Peak memory of a training step with and without gradient checkpointing (CPU, ~1 min)
 	$(PY) tools/bench_memory.py $(BENCH_ARGS)

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from tools import bench, bench_gpu, bench_learning
+from tools import bench, bench_gpu, bench_learning, bench_real
 
 MODEL = bench.REPO / ".cache" / "models" / "bench-20m"  # composed only, never loaded
 
@@ -27,6 +27,16 @@ def bench_hypers() -> dict[str, dict]:
         for on in (False, True):
             hypers[f"bench_gpu lora={lora} checkpointing={on}"] = bench_gpu.gpu_hyper(lora, 1024, on)
     return hypers
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_real_model_bench_gives_both_trainers_the_same_checkpointing(lora, tmp_path):
+    hyper = bench_real.real_hyper(lora)
+    model = bench.REPO / ".cache" / "models" / "smollm2-135m-instruct"
+    ours, trl_old_name, trl_new_name = checkpointing_of_both(hyper, lora, tmp_path, bench_real.PRESET, model)
+    assert ours is False and ours == trl_old_name == trl_new_name  # the preset's value, for both
+    cfg = bench.ours_config(model, lora, "cpu", hyper, bench_real.PRESET)
+    assert cfg.train.learning_rate == hyper["lr"] and cfg.data.max_length == hyper["max_length"]
 
 
 def checkpointing_of_both(hyper: dict, lora: bool, out, preset: str = "tiny", model=MODEL) -> tuple:
